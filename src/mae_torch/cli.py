@@ -1,0 +1,178 @@
+"""The `mae` command line: pretrain, finetune, evaluate.
+
+Design decisions:
+- Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
+  config.py so the help text and the config can never disagree. Flags default to "not given", so only what
+  you type overrides the preset and the `--config` file.
+- A run directory is never overwritten silently: an existing non-empty `--out` needs `--overwrite`, and
+  `--resume RUN_DIR` continues a run from its own config.yaml and checkpoint.pt.
+- User errors (`MAEError`) print one line `mae: error: ...` and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import typing
+from pathlib import Path
+
+from .config import SECTIONS, preset_names, resolve
+from .errors import MAEError
+
+DEFAULT_PRESET = "cifar10-vit-tiny"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options (default: the preset's value, else the one shown)")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind, default = hints[f.name], getattr(cls(), f.name)
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict = {
+                "default": None,
+                "dest": f"{section}.{f.name}",
+                "help": f"{f.metadata['why']} (default: {default})",
+            }
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(kind) is tuple:
+                kwargs.update(type=float, nargs=len(default) if f.name == "betas" else "+", metavar="X")
+            else:
+                kwargs.update(type=kind, metavar=kind.__name__.upper())
+            group.add_argument(flag, **kwargs)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    out: dict = {name: {} for name in SECTIONS}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out[section][name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mae",
+        description="Masked Autoencoders (He et al. 2021): pretrain a ViT without labels, fine-tune, evaluate.",
+        epilog="Run `mae COMMAND --help` for a command's options. Presets: " + ", ".join(preset_names()),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    about = {
+        "pretrain": "MAE pretraining (no labels needed); writes a run directory",
+        "finetune": "train a classifier, from scratch or from a pretrained MAE encoder (--pretrained)",
+    }
+    for name, text in about.items():
+        p = sub.add_parser(name, help=text, description=text + ".")
+        p.add_argument(
+            "--preset", metavar="NAME", help=f"a recipe: {', '.join(preset_names())} (default: {DEFAULT_PRESET})"
+        )
+        p.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="a YAML file with model/train/run sections, e.g. a run's config.yaml; applied over the preset",
+        )
+        p.add_argument("--out", metavar="RUN_DIR", help=f"run directory (default: runs/{name}-<timestamp>)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        add_config_flags(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1 accuracy and loss of a fine-tuned classifier on labeled data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR|WEIGHTS",
+        help="a finetune run directory (its best weights) or a .safetensors file",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="cifar10/cifar100 (their test split) or a labeled folder (its test/ or val/ subfolder if present)",
+    )
+    p.add_argument("--data-root", default="", help="where torchvision datasets live")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--json", action="store_true", help="print one JSON object: top1, loss, n")
+    return parser
+
+
+def prepare_run(args: argparse.Namespace):
+    """Resolve the config and the run directory; refuses to reuse a run directory by accident."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
+            raise MAEError(f"cannot resume {run_dir}: no checkpoint.pt and config.yaml there")
+        cfg = resolve(args.command, None, str(run_dir / "config.yaml"), overrides(args))
+        return cfg, run_dir
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    cfg = resolve(args.command, preset, args.config, overrides(args))
+    run_dir = Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.print_config and run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
+            raise MAEError(
+                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
+                "--overwrite to replace it, or another --out"
+            )
+        shutil.rmtree(run_dir)
+    return cfg, run_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import tasks  # heavy imports (torch) only once the arguments are valid
+
+    if args.command == "evaluate":
+        result = tasks.evaluate_checkpoint(
+            args.checkpoint, args.data, args.data_root, args.device, args.precision, args.batch_size, args.num_workers
+        )
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"top1 {result['top1']:.4f} | loss {result['loss']:.4f} | n {result['n']}")
+        return 0
+    cfg, run_dir = prepare_run(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = tasks.pretrain if args.command == "pretrain" else tasks.finetune
+    job(cfg, run_dir, resume=bool(args.resume))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line; errors raised in DataLoader workers arrive wrapped with a traceback."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MAEError as e:
+        print(f"mae: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mae: interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Typed configuration: one source of truth for the model, a training stage, and a run.
+
+Design decisions:
+- Three dataclasses, each field with a one-line "why" (`doc`), which also becomes the CLI help text.
+- Presets are plain YAML files in `presets/`: a `model` section, a `pretrain` and a `finetune` section
+  (each a `TrainConfig`) and a `run` section. A run resolves, in order: dataclass defaults < preset <
+  `--config FILE.yaml` < command-line flags. Unknown keys are errors, never silent defaults.
+- The resolved config (`RunConfig.to_dict`) is saved in every run directory and reruns it with
+  `--config config.yaml`.
+- Derived values (learning rate from the base rate, accumulation steps) live here, in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MAEError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def doc(why: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field with its one-line explanation (shown by `--help`)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"why": why}, **kwargs)
+    return field(default=default, metadata={"why": why}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = doc("input side in pixels; images of another size are resized to it", 224)
+    patch_size: int = doc("patch side in pixels; must divide img_size", 16)
+    in_chans: int = doc("input channels (3 for RGB)", 3)
+    embed_dim: int = doc("encoder width D", 768)
+    depth: int = doc("encoder blocks", 12)
+    num_heads: int = doc("encoder attention heads; must divide embed_dim", 12)
+    mlp_ratio: float = doc("MLP hidden width / D", 4.0)
+    pos_embed: str = doc("position embeddings: sincos (fixed, the paper) or learned", "sincos")
+    decoder_embed_dim: int = doc("decoder width (pretraining only)", 512)
+    decoder_depth: int = doc("decoder blocks (pretraining only)", 8)
+    decoder_num_heads: int = doc("decoder attention heads", 16)
+    mask_ratio: float = doc("fraction of patches removed in pretraining, in (0, 1)", 0.75)
+    norm_pix_loss: bool = doc("predict per-patch normalized pixels (the paper's better target)", False)
+    global_pool: str = doc("classifier pooling: cls token, or avg of patch tokens with fc_norm", "avg")
+    drop_path: float = doc("classifier stochastic depth rate (fine-tuning)", 0.0)
+    mean: tuple[float, ...] = doc("per-channel input mean used to normalize images", IMAGENET_MEAN)
+    std: tuple[float, ...] = doc("per-channel input std used to normalize images", IMAGENET_STD)
+
+    def validate(self) -> None:
+        check(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        check(
+            self.patch_size > 0 and self.img_size % self.patch_size == 0,
+            f"patch_size {self.patch_size} does not divide img_size {self.img_size}; "
+            "choose a patch size that divides the image size",
+        )
+        for width, heads, name in [
+            (self.embed_dim, self.num_heads, ""),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_"),
+        ]:
+            check(heads > 0 and width % heads == 0, f"{name}num_heads {heads} does not divide {name}embed_dim")
+            check(
+                self.pos_embed != "sincos" or width % 4 == 0,
+                f"{name}embed_dim must be a multiple of 4 for sincos position embeddings",
+            )
+        check(self.pos_embed in ("sincos", "learned"), f"pos_embed must be sincos or learned, not {self.pos_embed}")
+        check(self.global_pool in ("cls", "avg"), f"global_pool must be cls or avg, not {self.global_pool}")
+        check(
+            len(self.mean) == len(self.std) == self.in_chans,
+            f"mean and std need {self.in_chans} values (one per input channel)",
+        )
+        check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = doc("training epochs (the schedule's length)", 100)
+    batch_size: int = doc("effective batch per optimizer step, reached by gradient accumulation", 256)
+    device_batch_size: int = doc("batch per forward pass (what fits in memory); 0 = batch_size", 0)
+    blr: float = doc("base learning rate; lr = blr * batch_size / 256 (the paper's scaling rule)", 1e-3)
+    lr: float = doc("absolute learning rate; overrides blr when > 0", 0.0)
+    min_lr: float = doc("learning rate at the end of the cosine schedule", 0.0)
+    warmup_epochs: float = doc("linear warmup length in epochs, then cosine decay", 5.0)
+    weight_decay: float = doc("AdamW weight decay (not on biases, norms, positions or tokens)", 0.05)
+    betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.999))
+    label_smoothing: float = doc("label smoothing of the classification loss (fine-tuning)", 0.0)
+    monitor: str = doc("validation metric for best weights and early stopping: val_loss or val_acc", "val_loss")
+    patience: int = doc("stop after this many epochs without improvement of monitor; 0 = never", 0)
+    min_delta: float = doc("smallest change of monitor that counts as an improvement", 0.0)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.device_batch_size or self.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        check(
+            self.device_batch_size >= 0 and self.batch_size % self.micro_batch == 0,
+            f"device_batch_size {self.device_batch_size} must divide batch_size {self.batch_size}",
+        )
+        check(self.peak_lr > 0, "the learning rate must be positive (set blr or lr)")
+        check(self.monitor in ("val_loss", "val_acc"), f"monitor must be val_loss or val_acc, not {self.monitor}")
+        check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class RunConfig:
+    data: str = doc("cifar10, cifar100, or a folder of images (class subfolders give labels)", "cifar10")
+    data_root: str = doc("where torchvision datasets are downloaded; empty = ~/.cache/mae-torch/data", "")
+    val_fraction: float = doc("share of training images held out for validation when there is no val/", 0.1)
+    seed: int = doc("random seed (weights, data order, masks)", 0)
+    device: str = doc("auto, cpu, cuda, cuda:N or mps", "auto")
+    precision: str = doc("auto, bf16, fp16 or fp32 (auto: bf16 where the hardware has it)", "auto")
+    num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
+    recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
+    pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as config.yaml in the run directory."""
+
+    command: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> Config:
+        self.model.validate()
+        self.train.validate()
+        check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
+        check(
+            self.run.precision in ("auto", "bf16", "fp16", "fp32"),
+            f"precision must be auto, bf16, fp16 or fp32, not {self.run.precision}",
+        )
+        return self
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, **{k: to_plain(getattr(self, k)) for k in SECTIONS}}
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MAEError(message)
+
+
+def to_plain(obj) -> dict:
+    """A dataclass as YAML-friendly plain data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(cls, name: str, value: Any) -> Any:
+    """Check one value against its field's type: YAML gives ints for floats, lists for tuples."""
+    kind = field_types(cls)[name]
+    if typing.get_origin(kind) is tuple:
+        check(isinstance(value, (list, tuple)), f"{name} must be a list, got {value!r}")
+        return tuple(float(v) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and value is None:
+        return ""
+    check(
+        isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
+        f"{name} must be {kind.__name__}, got {value!r}",
+    )
+    return value
+
+
+def update(obj, values: dict, where: str) -> None:
+    """Set fields of a config dataclass from a dict, rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in (values or {}).items():
+        if key not in names:
+            raise MAEError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(names))}")
+        setattr(obj, key, coerce(type(obj), key, value))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise MAEError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise MAEError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    check(isinstance(data, dict), f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.yaml"
+    check(path.exists(), f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return read_yaml(path)
+
+
+def resolve(command: str, preset: str | None, config_file: str | None = None, overrides: dict | None = None) -> Config:
+    """Build the config of a `command` run: defaults < preset < config file < overrides (section -> dict)."""
+    cfg = Config(command=command)
+    layers = []
+    if preset:
+        data = load_preset(preset)
+        unknown = set(data) - {"model", "pretrain", "finetune", "run"}
+        check(not unknown, f"preset {preset} has unknown sections {sorted(unknown)}")
+        layers.append(({"model": data.get("model"), "train": data.get(command), "run": data.get("run")}, preset))
+    if config_file:
+        data = read_yaml(Path(config_file))
+        unknown = set(data) - {"command", *SECTIONS}
+        check(not unknown, f"unknown sections {sorted(unknown)} in {config_file}; known: model, train, run")
+        layers.append((data, config_file))
+    layers.append((overrides or {}, "command-line options"))
+    for sections, where in layers:
+        for name in SECTIONS:
+            update(getattr(cfg, name), sections.get(name) or {}, f"{name} section of {where}")
+    return cfg.validate()
+
+
+def from_dict(cls, values: dict):
+    """Rebuild a config dataclass (e.g. a checkpoint's ModelConfig) from plain data."""
+    obj = cls()
+    update(obj, values, cls.__name__)
+    return obj

@@ -1,0 +1,284 @@
+"""Datasets: CIFAR-10/100 through torchvision, or any local folder of images.
+
+Design decisions:
+- Items are `(uint8 image (C, H, W), label int)`, label -1 when unlabeled. Normalisation and augmentation
+  happen later (on the device, batched), so datasets stay cheap and the same data serves every stage.
+- Every dataset has a `labels` attribute (list or tensor of int, or None): None means unlabeled, which is
+  fine for pretraining and an error for fine-tuning.
+- A folder is labeled when it follows the ImageFolder layout (`PATH/<class>/*.png`); anything else with
+  images in it is an unlabeled set. File order is sorted, so indices and splits are reproducible.
+- Validation never sees test data: it comes from `PATH/val`, or is carved from the training images
+  (stratified by class, seeded). `PATH/test` and CIFAR's test split belong to `build_eval_dataset` only,
+  so choosing the best epoch cannot leak the numbers we report.
+- CIFAR lives in memory as one uint8 tensor (150 MB for 50k images at 32x32), resized once up front.
+"""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from mae_torch.errors import MAEError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# name -> (display name, the archive torchvision looks for in its root before downloading)
+_CIFAR = {
+    "cifar10": ("CIFAR-10", "cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR-100", "cifar-100-python.tar.gz"),
+}
+
+
+class ImageFiles(Dataset):
+    """Images read lazily from files: item i -> (uint8 tensor (C, H, W), label int; -1 when unlabeled)."""
+
+    def __init__(self, paths: list[str], labels: list[int] | None, img_size: int, in_chans: int = 3):
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths, self.labels, self.img_size = list(paths), labels, img_size
+        self.mode = {3: "RGB", 1: "L"}[in_chans]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+                im = im.convert(self.mode)
+                if im.size != (self.img_size, self.img_size):
+                    im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
+                arr = np.array(im, dtype=np.uint8)  # (H, W, C) or (H, W) for "L"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt files
+            raise MAEError(f"cannot read image {path}: {_short(e)}; remove or replace it") from e
+        x = torch.from_numpy(arr)
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
+        return x, -1 if self.labels is None else int(self.labels[i])
+
+
+class TensorImages(Dataset):
+    """Images already in memory (torchvision CIFAR): item i -> (uint8 (C,H,W), label int)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], -1 if self.labels is None else int(self.labels[i])
+
+
+class _Split(Subset):
+    """A Subset that keeps the `labels` attribute, so callers can still tell labeled from unlabeled."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        parent = dataset.labels
+        if parent is None:
+            self.labels = None
+        elif isinstance(parent, torch.Tensor):
+            self.labels = parent[torch.tensor(indices, dtype=torch.long)]
+        else:
+            self.labels = [parent[i] for i in indices]
+
+
+def default_data_root() -> str:
+    """Where CIFAR is downloaded when --data-root is not given: $XDG_CACHE_HOME/mae-torch/data."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "mae-torch", "data")
+
+
+def build_datasets(
+    data: str,
+    *,
+    data_root: str | None,
+    img_size: int,
+    in_chans: int = 3,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    need_labels: bool = False,
+) -> tuple[Dataset, Dataset, list[str] | None]:
+    """Train and validation splits of `data` and its class names (None for an unlabeled set)."""
+    if not 0 <= val_fraction < 1:
+        raise MAEError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
+    if data.lower() in _CIFAR:
+        train, classes = _cifar(data.lower(), data_root, True, img_size, in_chans)  # val from TRAIN, not test
+        return (*_carve(train, val_fraction, seed, data), classes)
+
+    path = _check_folder(data)
+    train_root = os.path.join(path, "train")
+    if not os.path.isdir(train_root):
+        for name in ("val", "test"):  # otherwise they would silently become classes, and test would leak
+            if os.path.isdir(os.path.join(path, name)):
+                raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
+        train_root = path
+    paths, labels, classes = _scan(train_root)
+    if need_labels:
+        _require_labels(train_root, classes)
+    train = ImageFiles(paths, labels, img_size, in_chans)
+
+    val_root = os.path.join(path, "val")
+    if train_root == path or not os.path.isdir(val_root):
+        return (*_carve(train, val_fraction, seed, train_root), classes)
+    val_paths, val_labels, val_classes = _scan(val_root)
+    if classes is None:
+        val_labels = None  # an unlabeled train set makes the whole run unlabeled
+    elif val_classes != classes:
+        missing = sorted(set(classes) - set(val_classes or []))
+        extra = sorted(set(val_classes or []) - set(classes))
+        raise MAEError(
+            f"class folders of {val_root} differ from {train_root}: missing in val {missing}, "
+            f"only in val {extra}; give val/ the same <class>/ subfolders as train/"
+        )
+    return train, ImageFiles(val_paths, val_labels, img_size, in_chans), classes
+
+
+def build_eval_dataset(
+    data: str, *, data_root: str | None, img_size: int, in_chans: int = 3
+) -> tuple[Dataset, list[str]]:
+    """The labeled split to evaluate on (CIFAR's test split, or a folder) and its class names."""
+    if data.lower() in _CIFAR:
+        return _cifar(data.lower(), data_root, False, img_size, in_chans)
+    path = _check_folder(data)
+    root = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), path)
+    paths, labels, classes = _scan(root)
+    _require_labels(root, classes)
+    return ImageFiles(paths, labels, img_size, in_chans), classes
+
+
+def _short(e: BaseException) -> str:
+    """An exception as one short line: messages are printed on one line by the CLI."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:117] + '...' if len(text) > 120 else text}"
+
+
+def _cifar(name: str, data_root: str | None, train: bool, img_size: int, in_chans: int):
+    """CIFAR split as in-memory TensorImages (uint8 (N, C, img_size, img_size)) and its class names."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    title, archive = _CIFAR[name]
+    root = os.path.expanduser(data_root) if data_root else default_data_root()
+    try:
+        ds = cls(root=root, train=train, download=True)
+    except Exception as e:  # no network surfaces as URLError, OSError or RuntimeError, depending on where
+        raise MAEError(
+            f"could not download {title} into {root} ({_short(e)}); without network, pass a local "
+            "image folder with --data PATH (ImageFolder layout: PATH/<class>/*.png), "
+            f"or put the torchvision archive {archive} in --data-root"
+        ) from e
+    images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    if img_size != images.shape[-1]:
+        images = torch.cat([_resize(chunk, img_size) for chunk in images.split(1024)])  # bounded float memory
+    if in_chans == 1:
+        from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+        images = rgb_to_grayscale(images)  # (N, 1, H, W) uint8
+    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.long)), list(ds.classes)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, h, w) -> uint8 (N, C, size, size), bicubic with antialiasing like PIL's resize."""
+    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _check_folder(data: str) -> str:
+    path = os.path.expanduser(data)
+    if not os.path.exists(path):
+        raise MAEError(f"data folder not found: {path}; pass an existing folder of images or cifar10/cifar100")
+    if not os.path.isdir(path):
+        raise MAEError(
+            f"--data {path} is a file, not a folder; pass a folder of images (PATH/<class>/*.png) or cifar10/cifar100"
+        )
+    return path
+
+
+def _visible(names: list[str]) -> list[str]:
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)  # by extension only: decoding every file would be slow
+
+
+def _is_image(path: str) -> bool:
+    return os.path.isfile(path) and _is_image_name(path)
+
+
+def _images_below(root: str) -> list[str]:
+    """All image files under `root` at any depth, hidden files and folders skipped, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = _visible(dirnames)  # prune hidden folders in place, as os.walk allows
+        found += [os.path.join(dirpath, f) for f in _visible(filenames) if _is_image_name(f)]
+    return sorted(found)
+
+
+def _scan(root: str) -> tuple[list[str], list[int] | None, list[str] | None]:
+    """Image paths under `root`, their labels and class names; labels and classes are None if unlabeled.
+
+    Labeled (ImageFolder) means: no images directly in `root`, and subfolders holding images directly.
+    """
+    entries = [os.path.join(root, n) for n in _visible(os.listdir(root))]
+    classes = []
+    if not any(_is_image(e) for e in entries):
+        for d in entries:
+            if os.path.isdir(d) and any(_is_image(os.path.join(d, n)) for n in _visible(os.listdir(d))):
+                classes.append(os.path.basename(d))
+    if not classes:
+        paths = _images_below(root)
+        if not paths:
+            raise MAEError(
+                f"no images found in {root}; add image files ({', '.join(IMAGE_EXTENSIONS)}), "
+                "directly or in <class>/ subfolders"
+            )
+        return paths, None, None
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = _images_below(os.path.join(root, name))
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels, classes
+
+
+def _require_labels(root: str, classes: list[str] | None) -> None:
+    if classes is None:
+        raise MAEError(
+            f"{root} has no class subfolders, so it is unlabeled: fine-tuning needs {root}/<class>/image "
+            "files; an unlabeled folder is valid for pretraining only"
+        )
+    if len(classes) < 2:
+        raise MAEError(f"{root} has only the class folder {classes}; classification needs at least 2 classes")
+
+
+def _carve(ds: Dataset, val_fraction: float, seed: int, where: str) -> tuple[Dataset, Dataset]:
+    """Hold out round(val_fraction * n) items per class (all items if unlabeled), seeded and stratified.
+
+    Each group with 2+ items gives at least 1 to validation and keeps at least 1 for training.
+    val_fraction == 0 gives an empty validation split on purpose (the user asked for none).
+    """
+    labels = [0] * len(ds) if ds.labels is None else [int(v) for v in ds.labels]
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(y, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    val: list[int] = []
+    for y in sorted(groups):
+        idx = groups[y]
+        # a group's last image stays in training: a class with no training images cannot be learned
+        k = min(max(round(val_fraction * len(idx)), 1), len(idx) - 1) if val_fraction > 0 else 0
+        val += [idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()]
+    if val_fraction > 0 and not val:
+        raise MAEError(
+            f"{where} is too small to hold out validation images ({len(ds)} images); add images or provide PATH/val"
+        )
+    held = set(val)
+    return _Split(ds, [i for i in range(len(ds)) if i not in held]), _Split(ds, sorted(val))

@@ -1,0 +1,105 @@
+"""The Masked Autoencoder: a ViT encoder that sees only the visible patches, a light decoder, the loss.
+
+Design decisions:
+- `MaskedAutoencoder` *is* a `ViT` (it inherits the encoder) so that its state dict has exactly the keys
+  of the official MAE pretraining checkpoints: encoder keys at top level, then `decoder_embed`,
+  `mask_token`, `decoder_pos_embed`, `decoder_blocks.{i}`, `decoder_norm`, `decoder_pred`. The encoder is
+  used only through its public methods (`embed_patches`, `forward_tokens`).
+- Masking is `ops.random_masking` on the input's device; `forward` takes `mask_ratio` and `noise` overrides
+  (same noise => same mask, as in transformers' ViTMAE).
+- The loss is the mean squared error over removed patches only (Sec. 3 of the paper); with
+  `norm_pix_loss` the target is each patch normalized by its own mean and variance.
+- The decoder predicts each patch's pixels in (p, p, c) order, the order of `ops.patchify`.
+
+Legend: B batch, L patches, K kept patches, D encoder width, E decoder width, P = p*p*C pixels per patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .ops import masked_mse, norm_patches, patchify, random_masking
+from .vit import LayerNorm, ViT, init_pos_embed, init_weights
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # scalar: MSE over removed patches
+    pred: torch.Tensor  # (B, L, P): predicted pixels of every patch (in the target's space)
+    mask: torch.Tensor  # (B, L): 1 = removed, 0 = visible
+
+
+class MaskedAutoencoder(ViT):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        norm_pix_loss: bool = False,
+        mask_ratio: float = 0.75,
+    ):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, pos_embed)
+        self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
+        num_patches = self.patch_embed.num_patches
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+
+        init_pos_embed(self.decoder_pos_embed, pos_embed, self.grid_size)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the visible patches only: latent (B, 1 + K, D), mask (B, L), ids_restore (B, L)."""
+        x = self.embed_patches(imgs)  # (B, L, D)
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, K, D)
+        return self.forward_tokens(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent (B, 1 + K, D) -> predicted pixels of every patch, (B, L, P)."""
+        x = self.decoder_embed(latent)  # (B, 1 + K, E)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, E)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, E), shuffled order: kept first
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, E)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, L, P)
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the decoder learns to predict: the patches' pixels, normalized per patch if norm_pix_loss."""
+        target = patchify(imgs, self.patch_size)  # (B, L, P)
+        return norm_patches(target) if self.norm_pix_loss else target
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
+    ) -> MAEOutput:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return MAEOutput(loss=masked_mse(pred, self.target(imgs), mask), pred=pred, mask=mask)

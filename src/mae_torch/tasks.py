@@ -1,0 +1,231 @@
+"""The three jobs - pretrain, finetune, evaluate - as the engine's parts, and weights in and out.
+
+Design decisions:
+- Pretraining and fine-tuning are the same engine (`engine.fit`) with a different `Task`: MAE's loss and
+  a reconstruction grid of fixed validation images with a fixed mask, or cross-entropy and accuracy.
+- Shared weights are `.safetensors` files whose metadata (and a JSON beside them) describe the model:
+  `arch` ("mae" or "vit"), the `model` config and, for classifiers, the `classes` by name.
+- Transferring an encoder asserts exactly which keys are missing (head, fc_norm) and unexpected (the
+  decoder, norm): anything else means another architecture, and is an error that lists the keys.
+- Evaluation matches a folder's class names to the checkpoint's by name, so a test folder with a subset
+  of the classes (or another order) evaluates correctly; an unknown class is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import Config, ModelConfig, from_dict
+from .data import build_datasets, build_eval_dataset
+from .engine import Normalizer, Task, evaluate, fit, make_loader, resolve_device, resolve_precision
+from .errors import MAEError
+from .mae import MaskedAutoencoder
+from .vit import ViT
+from .viz import reconstruction_grid
+
+ENCODER_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "pos_embed",
+    "mean",
+    "std",
+)  # what a fine-tuned model inherits from its pretrained encoder
+
+
+def build_mae(m: ModelConfig) -> MaskedAutoencoder:
+    return MaskedAutoencoder(
+        m.img_size,
+        m.patch_size,
+        m.in_chans,
+        m.embed_dim,
+        m.depth,
+        m.num_heads,
+        m.mlp_ratio,
+        m.pos_embed,
+        m.decoder_embed_dim,
+        m.decoder_depth,
+        m.decoder_num_heads,
+        m.norm_pix_loss,
+        m.mask_ratio,
+    )
+
+
+def build_vit(m: ModelConfig, num_classes: int) -> ViT:
+    return ViT(
+        m.img_size,
+        m.patch_size,
+        m.in_chans,
+        m.embed_dim,
+        m.depth,
+        m.num_heads,
+        m.mlp_ratio,
+        m.pos_embed,
+        num_classes,
+        m.global_pool,
+        m.drop_path,
+    )
+
+
+# ---------------------------------------------------------------- weights
+
+
+def weights_file(path: str | Path) -> Path:
+    """A run directory (its best, else its last weights) or a .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "model.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise MAEError(f"no weights in {path}: expected model.safetensors (is it a mae-torch run directory?)")
+    if not path.exists():
+        raise MAEError(f"weights not found: {path}; pass a run directory or a .safetensors file")
+    if path.suffix != ".safetensors":
+        raise MAEError(f"{path} is not a .safetensors file; pass a run directory or its model.safetensors")
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, meta) of a run directory or .safetensors file written by mae-torch; no pickle involved."""
+    file = weights_file(path)
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mae_torch", "null"))
+        state = load_file(str(file))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise MAEError(f"cannot read weights {file}: {e}") from None
+    if meta is None and file.with_suffix(".json").exists():
+        meta = json.loads(file.with_suffix(".json").read_text())
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise MAEError(f"{file} carries no mae-torch model description (model.json); convert it first")
+    return state, meta
+
+
+def load_encoder(vit: ViT, state: dict[str, torch.Tensor]) -> None:
+    """Load a pretrained encoder into a classifier: only the head, fc_norm (and norm) may differ."""
+    own = set(vit.state_dict())
+    state = {k: v for k, v in state.items() if k in own}  # drops the decoder, mask token, unused norm
+    missing = sorted(own - set(state))
+    allowed = {k for k in own if k.startswith(("head.", "fc_norm.", "norm."))}
+    if set(missing) - allowed:
+        raise MAEError(f"pretrained weights do not fit this encoder: missing {sorted(set(missing) - allowed)}")
+    try:
+        vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise MAEError(f"pretrained weights do not fit this encoder: {'; '.join(shapes) or e}") from None
+
+
+def model_config_from(meta: dict) -> ModelConfig:
+    return from_dict(ModelConfig, meta["model"])
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    train_ds, val_ds, classes = build_datasets(**data_args(cfg))
+    model = build_mae(cfg.model)
+    device = resolve_device(cfg.run.device)
+    n = min(cfg.run.recon_images, len(val_ds))
+    fixed = torch.stack([val_ds[i][0] for i in range(n)])  # the same images every epoch...
+    noise = torch.rand(n, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed))
+    norm = Normalizer(cfg.model.mean, cfg.model.std, device)  # ...with the same mask, so epochs compare
+
+    def show(epoch: int, logger) -> None:
+        if n:
+            grid = reconstruction_grid(model, norm(fixed), noise.to(device), cfg.model.mean, cfg.model.std)
+            logger.image("reconstructions", grid, epoch + 1)
+
+    def eval_sums(model, x, y):
+        return {"loss": model(x).loss * len(x)}
+
+    meta = {"arch": "mae", "model": asdict(cfg.model), "classes": classes}
+    task = Task(model, lambda model, x, y: model(x).loss, eval_sums, meta, show)
+    return fit(task, train_ds, val_ds, cfg, run_dir, resume)
+
+
+def finetune(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    if cfg.run.pretrained and not resume:
+        state, meta = load_weights(cfg.run.pretrained)
+        pre = model_config_from(meta)
+        changed = [f"{k}={getattr(cfg.model, k)}" for k in ENCODER_FIELDS if getattr(cfg.model, k) != getattr(pre, k)]
+        if changed:
+            print(f"note: the encoder comes from {cfg.run.pretrained}; its settings replace {', '.join(changed)}")
+        for k in ENCODER_FIELDS:
+            setattr(cfg.model, k, getattr(pre, k))
+    train_ds, val_ds, classes = build_datasets(**data_args(cfg), need_labels=True)
+    model = build_vit(cfg.model, len(classes))
+    if cfg.run.pretrained and not resume:
+        load_encoder(model, state)
+    smoothing = cfg.train.label_smoothing
+
+    def train_loss(model, x, y):
+        return F.cross_entropy(model(x), y, label_smoothing=smoothing)
+
+    meta = {"arch": "vit", "model": asdict(cfg.model), "classes": classes}
+    return fit(Task(model, train_loss, classification_sums, meta), train_ds, val_ds, cfg, run_dir, resume)
+
+
+def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    logits = model(x).float()
+    return {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(-1) == y).sum()}
+
+
+def data_args(cfg: Config) -> dict:
+    r, m = cfg.run, cfg.model
+    return dict(
+        data=r.data,
+        data_root=r.data_root or None,
+        img_size=m.img_size,
+        in_chans=m.in_chans,
+        val_fraction=r.val_fraction,
+        seed=r.seed,
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str,
+    data_root: str = "",
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 2,
+) -> dict:
+    """Top-1 accuracy and mean loss of a fine-tuned classifier on a labeled dataset: {top1, loss, n}."""
+    state, meta = load_weights(checkpoint)
+    if meta.get("arch") != "vit" or not meta.get("classes"):
+        raise MAEError(f"{checkpoint} holds MAE pretraining weights, not a classifier; fine-tune it first")
+    m = model_config_from(meta)
+    model = build_vit(m, len(meta["classes"]))
+    model.load_state_dict(state)
+    ds, classes = build_eval_dataset(data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans)
+    unknown = sorted(set(classes) - set(meta["classes"]))
+    if unknown:
+        raise MAEError(f"classes {unknown} of {data} are not among the checkpoint's {meta['classes']}")
+    to_ckpt = torch.tensor([meta["classes"].index(c) for c in classes])  # dataset label -> model label
+    dev = resolve_device(device)
+    model.to(dev)
+    norm = Normalizer(m.mean, m.std, dev)
+
+    def sums(model, x, y):
+        return classification_sums(model, x, to_ckpt.to(y.device)[y])
+
+    cfg = Config()
+    cfg.run.num_workers = num_workers
+    loader = make_loader(ds, batch_size, cfg, dev)
+    result = evaluate(Task(model, None, sums, meta), loader, norm, resolve_precision(precision, dev))
+    return {"top1": result["acc"], "loss": result["loss"], "n": result["n"]}

@@ -1,0 +1,123 @@
+"""The Vision Transformer backbone: one class for pretraining, fine-tuning, linear probing and features.
+
+Design decisions:
+- Parameter names are those of timm and of the official MAE checkpoints (`patch_embed.proj`, `cls_token`,
+  `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fc_norm`, `head`),
+  so weights load with `strict=True`. The blocks are timm's `Block` (attention through
+  `scaled_dot_product_attention`), with the official MAE settings: qkv bias, LayerNorm eps 1e-6.
+- Position embeddings are a fixed 2-D sin-cos table by default (the paper), stored as a frozen parameter as
+  in the official code so checkpoints carry it; `pos_embed="learned"` makes it trainable (the starting
+  project's choice).
+- The public API splits the forward pass so that MAE can encode only the visible patches without touching
+  internals: `embed_patches` (patch tokens + positions) -> [drop tokens] -> `forward_tokens` (CLS, blocks,
+  norm) -> `forward_head` (pool, fc_norm, linear head). `forward_features` = the first two on all patches.
+- Pooling: `cls` (the CLS token after `norm`) or `avg` (mean of patch tokens, then `fc_norm`: the paper's
+  fine-tuning default, Appendix A.2). As in timm, `norm` is an identity when pooling is `avg`.
+
+Legend: B batch, L patches, K kept patches, D width.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .ops import sincos_pos_embed
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def init_pos_embed(param: nn.Parameter, kind: str, grid: int) -> None:
+    """Fill a (1, 1 + grid*grid, D) position parameter: a fixed sin-cos table, or small noise to learn."""
+    if kind == "sincos":
+        param.data.copy_(sincos_pos_embed(param.shape[-1], grid).unsqueeze(0))
+        param.requires_grad_(False)
+    elif kind == "learned":
+        nn.init.trunc_normal_(param, std=0.02)
+    else:
+        raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {kind!r}")
+
+
+def init_weights(module: nn.Module) -> None:
+    """The official MAE initialisation: xavier-uniform linears with zero bias, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViT(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        num_classes: int = 0,
+        global_pool: str = "cls",
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        if global_pool not in ("cls", "avg"):
+            raise ValueError(f"global_pool must be 'cls' or 'avg', got {global_pool!r}")
+        self.patch_size, self.grid_size, self.global_pool = patch_size, img_size // patch_size, global_pool
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=r) for r in rates
+        )
+        self.norm = LayerNorm(embed_dim) if global_pool == "cls" else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+
+        init_pos_embed(self.pos_embed, pos_embed, self.grid_size)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, per the official code
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_weights)
+        if num_classes:
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)  # official fine-tuning head init
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (besides biases and norms, which are 1-D)."""
+        return {"cls_token", "pos_embed"}
+
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> patch tokens with positions, (B, L, D); no CLS token yet."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, K, D), any subset of them -> encoded [CLS, tokens], (B, 1 + K, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """All patches, unmasked: (B, C, H, W) -> (B, 1 + L, D)."""
+        return self.forward_tokens(self.embed_patches(imgs))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 1 + L, D) -> pooled (B, D) when pre_logits, else logits (B, num_classes)."""
+        x = feats[:, 1:].mean(dim=1) if self.global_pool == "avg" else feats[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(imgs))
