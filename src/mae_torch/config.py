@@ -146,6 +146,10 @@ class Config:
     def validate(self) -> Config:
         self.model.validate()
         self.train.validate()
+        check(
+            self.command != "pretrain" or self.train.monitor == "val_loss",
+            "pretraining measures no accuracy: use --monitor val_loss",
+        )
         check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
         check(
             self.run.precision in ("auto", "bf16", "fp16", "fp32"),

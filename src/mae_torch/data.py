@@ -148,7 +148,7 @@ def build_eval_dataset(
     path = _check_folder(data)
     root = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), path)
     paths, labels, classes = _scan(root)
-    _require_labels(root, classes)
+    _require_labels(root, classes, min_classes=1)  # evaluating on a subset of the classes is fine
     return ImageFiles(paths, labels, img_size, in_chans), classes
 
 
@@ -249,13 +249,13 @@ def _scan(root: str) -> tuple[list[str], list[int] | None, list[str] | None]:
     return paths, labels, classes
 
 
-def _require_labels(root: str, classes: list[str] | None) -> None:
+def _require_labels(root: str, classes: list[str] | None, min_classes: int = 2) -> None:
     if classes is None:
         raise MAEError(
             f"{root} has no class subfolders, so it is unlabeled: fine-tuning needs {root}/<class>/image "
             "files; an unlabeled folder is valid for pretraining only"
         )
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise MAEError(f"{root} has only the class folder {classes}; classification needs at least 2 classes")
 
 

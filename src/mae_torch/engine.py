@@ -191,7 +191,7 @@ def evaluate(task: Task, loader: DataLoader, norm: Normalizer, precision: str, s
             n += len(images)
     model.train(was_training)
     if n == 0:
-        raise MAEError("the evaluation split is empty; add images or lower --val-fraction's rounding")
+        raise MAEError("the evaluation split has no images; add images to it")
     return {k: v.item() / n for k, v in totals.items()} | {"n": n}
 
 
@@ -218,9 +218,10 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)
     logger = RunLogger(run_dir)
-    if not resume:
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    if len(val_ds) == 0:
+        raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
+    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     start_epoch, step = 0, 0
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
@@ -233,6 +234,9 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         if device.type == "cuda" and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        if stopper.should_stop:  # it stopped early; a larger --patience lets it go on
+            logger.print(f"{run_dir} stopped early at epoch {start_epoch}; raise --patience to continue it")
+            start_epoch = tc.epochs
         logger.print(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
     else:
         torch.manual_seed(rc.seed)

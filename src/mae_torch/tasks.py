@@ -137,10 +137,11 @@ def model_config_from(meta: dict) -> ModelConfig:
 
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     train_ds, val_ds, classes = build_datasets(**data_args(cfg))
+    torch.manual_seed(cfg.run.seed)  # --seed decides the initial weights
     model = build_mae(cfg.model)
     device = resolve_device(cfg.run.device)
     n = min(cfg.run.recon_images, len(val_ds))
-    fixed = torch.stack([val_ds[i][0] for i in range(n)])  # the same images every epoch...
+    fixed = torch.stack([val_ds[i][0] for i in range(n)]) if n else None  # the same images every epoch...
     noise = torch.rand(n, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed))
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)  # ...with the same mask, so epochs compare
 
@@ -167,6 +168,7 @@ def finetune(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         for k in ENCODER_FIELDS:
             setattr(cfg.model, k, getattr(pre, k))
     train_ds, val_ds, classes = build_datasets(**data_args(cfg), need_labels=True)
+    torch.manual_seed(cfg.run.seed)
     model = build_vit(cfg.model, len(classes))
     if cfg.run.pretrained and not resume:
         load_encoder(model, state)
