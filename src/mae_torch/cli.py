@@ -1,4 +1,4 @@
-"""The `mae` command line: pretrain, finetune, evaluate.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare.
 
 Design decisions:
 - Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
@@ -105,6 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, loss, n")
+
+    p = sub.add_parser(
+        "reconstruct",
+        help="reconstruct your own images with a pretrained MAE, as a picture",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR|WEIGHTS",
+        help="a pretrain run directory or its .safetensors (needs the decoder)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="FILE_OR_FOLDER",
+        help="image files and/or folders (searched recursively; the first 16 images are used)",
+    )
+    p.add_argument("--mask-ratio", type=float, default=None, help="share of patches removed (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--out", default="reconstructions.png", help="the PNG to write")
+
+    p = sub.add_parser(
+        "compare",
+        help="several runs' curves on shared axes (e.g. scratch against pretrained)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl)")
+    p.add_argument("--out", default="compare.png", help="the PNG to write")
     return parser
 
 
@@ -140,6 +171,16 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         else:
             print(f"top1 {result['top1']:.4f} | loss {result['loss']:.4f} | n {result['n']}")
+        return 0
+    if args.command == "reconstruct":
+        out = tasks.reconstruct(args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.device)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "compare":
+        from .plots import compare_runs
+
+        compare_runs(args.runs, args.out)
+        print(f"wrote {args.out}")
         return 0
     cfg, run_dir = prepare_run(args)
     if args.print_config:

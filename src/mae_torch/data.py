@@ -88,6 +88,21 @@ class _Split(Subset):
             self.labels = [parent[i] for i in indices]
 
 
+def list_images(paths: list[str]) -> list[str]:
+    """Image files named directly or found (recursively, sorted) in the named folders."""
+    found: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found += _images_below(p)
+        elif os.path.isfile(p):
+            found.append(p)
+        else:
+            raise MAEError(f"image path not found: {p}; pass image files or folders of images")
+    if not found:
+        raise MAEError(f"no images in {' '.join(paths)} (accepted: {' '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
 def default_data_root() -> str:
     """Where CIFAR is downloaded when --data-root is not given: $XDG_CACHE_HOME/mae-torch/data."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -1,7 +1,8 @@
 """Run logging in one small object: TensorBoard, one JSON line per epoch, and a readable console line.
 
 TensorBoard event files go in the run directory itself, so `tensorboard --logdir runs` lists every run by
-its folder name. Images are also written as PNG files (atomically) so no TensorBoard is needed to look.
+its folder name. Each epoch also refreshes curves.png and reconstructions.png (atomically), so no
+TensorBoard is needed to look.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
+
+from .plots import plot_curves, save_reconstructions
 
 SCALARS = ("train_loss", "val_loss", "val_acc", "lr", "img_per_s")
 
@@ -41,19 +43,17 @@ class RunLogger:
         self.writer.flush()
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        plot_curves(self.run_dir)
         shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in metrics)
         self.print(
             f"epoch {epoch}: {shown} | lr {metrics['lr']:.2e} | {metrics['img_per_s']:.0f} img/s"
             f"{' | best' if metrics.get('best') else ''} | run ETA {fmt_time(eta_s)}"
         )
 
-    def image(self, name: str, grid: torch.Tensor, epoch: int) -> None:
-        """A (3, H, W) image in [0, 1]: to TensorBoard, and to <run>/<name>.png."""
-        self.writer.add_image(name, grid, epoch)
-        path = self.run_dir / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_image(grid, str(tmp), format="png")
-        tmp.replace(path)
+    def reconstructions(self, grid: torch.Tensor, epoch: int, caption: str) -> None:
+        """A (3, H, W) reconstruction grid in [0, 1]: to TensorBoard, and labelled to reconstructions.png."""
+        self.writer.add_image("reconstructions", grid, epoch)
+        save_reconstructions(grid, self.run_dir / "reconstructions.png", caption)
 
     def close(self) -> None:
         self.writer.close()

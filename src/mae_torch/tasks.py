@@ -24,12 +24,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import Config, ModelConfig, from_dict
-from .data import build_datasets, build_eval_dataset
+from .plots import save_reconstructions
+from .data import ImageFiles, build_datasets, build_eval_dataset, list_images
 from .engine import Normalizer, Task, evaluate, fit, make_loader, resolve_device, resolve_precision
 from .errors import MAEError
 from .mae import MaskedAutoencoder
 from .vit import ViT
-from .viz import reconstruction_grid
+from .viz import caption, reconstruction_grid
 
 ENCODER_FIELDS = (
     "img_size",
@@ -148,7 +149,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     def show(epoch: int, logger) -> None:
         if n:
             grid = reconstruction_grid(model, norm(fixed), noise.to(device), cfg.model.mean, cfg.model.std)
-            logger.image("reconstructions", grid, epoch + 1)
+            logger.reconstructions(
+                grid, epoch + 1, caption(model, prefix=f"epoch {epoch + 1}, fixed images and mask: ")
+            )
 
     def eval_sums(model, x, y):
         return {"loss": model(x).loss * len(x)}
@@ -231,3 +234,32 @@ def evaluate_checkpoint(
     loader = make_loader(ds, batch_size, cfg, dev)
     result = evaluate(Task(model, None, sums, meta), loader, norm, resolve_precision(precision, dev))
     return {"top1": result["acc"], "loss": result["loss"], "n": result["n"]}
+
+
+def reconstruct(
+    checkpoint: str,
+    images: list[str],
+    out: str,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    max_images: int = 16,
+) -> Path:
+    """A labelled grid (masked | reconstruction | original) of the user's own images; returns its path."""
+    state, meta = load_weights(checkpoint)
+    if meta.get("arch") != "mae" or not any(k.startswith("decoder_pred") for k in state):
+        raise MAEError(f"{checkpoint} has no decoder: reconstruction needs the full MAE weights of a pretrain run")
+    if mask_ratio is not None and not 0 < mask_ratio < 1:
+        raise MAEError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
+    m = model_config_from(meta)
+    model = build_mae(m)
+    model.load_state_dict(state)
+    dev = resolve_device(device)
+    model.to(dev)
+    paths = list_images(images)[:max_images]
+    ds = ImageFiles(paths, None, m.img_size, m.in_chans)
+    imgs = Normalizer(m.mean, m.std, dev)(torch.stack([ds[i][0] for i in range(len(ds))]))
+    noise = torch.rand(len(ds), model.patch_embed.num_patches, generator=torch.Generator().manual_seed(seed))
+    grid = reconstruction_grid(model, imgs, noise.to(dev), m.mean, m.std, mask_ratio)
+    save_reconstructions(grid, out, caption(model, mask_ratio, prefix=f"{Path(checkpoint).name}, seed {seed}: "))
+    return Path(out)

@@ -30,6 +30,18 @@ def denormalize_patches(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tens
     return pred * (var + 1e-6) ** 0.5 + mean
 
 
+def caption(model: MaskedAutoencoder, mask_ratio: float | None = None, prefix: str = "") -> str:
+    """What a reconstruction picture shows, including how norm_pix_loss predictions were de-normalized."""
+    ratio = model.mask_ratio if mask_ratio is None else mask_ratio
+    text = f"{prefix}{ratio:.0%} of patches removed (grey); the reconstruction pastes the visible patches back"
+    if model.norm_pix_loss:
+        text += (
+            ".\nnorm_pix_loss model: it predicts per-patch normalized pixels; removed patches are shown "
+            "de-normalized with the mean and variance of the visible patches"
+        )
+    return text
+
+
 @torch.no_grad()
 def reconstruction_grid(
     model: MaskedAutoencoder, imgs: torch.Tensor, noise: torch.Tensor, mean, std, mask_ratio: float | None = None
