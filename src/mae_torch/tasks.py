@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import Config, ModelConfig, from_dict
-from .plots import save_reconstructions
 from .data import ImageFiles, build_datasets, build_eval_dataset, list_images
 from .engine import Normalizer, Task, evaluate, fit, make_loader, resolve_device, resolve_precision
 from .errors import MAEError
 from .mae import MaskedAutoencoder
+from .plots import save_reconstructions
 from .vit import ViT
 from .viz import caption, reconstruction_grid
 
