@@ -318,6 +318,12 @@ def test_preset_forward_backward_at_tiny_width(name):
 
     vit = build_vit(m, 10)
     assert vit.global_pool == m.global_pool
+    for model in (mae, vit):  # the config's fields reach the model
+        assert model.pos_embed.requires_grad == (m.pos_embed == "learned")
+        assert model.patch_embed.proj.kernel_size == (m.patch_size, m.patch_size)
+        assert model.patch_embed.proj.in_channels == m.in_chans
+        assert len(model.blocks) == m.depth and model.blocks[0].attn.num_heads == m.num_heads
+        assert model.blocks[0].mlp.fc1.out_features == int(m.embed_dim * m.mlp_ratio)
     logits = vit(x)
     assert logits.shape == (2, 10)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 7])).backward()

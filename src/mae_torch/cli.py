@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 import typing
@@ -140,24 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_run(args: argparse.Namespace):
-    """Resolve the config and the run directory; refuses to reuse a run directory by accident."""
+    """The resolved config and the run directory."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
-            raise MAEError(f"cannot resume {run_dir}: no checkpoint.pt and config.yaml there")
-        cfg = resolve(args.command, None, str(run_dir / "config.yaml"), overrides(args))
-        return cfg, run_dir
+        if not (run_dir / "config.yaml").exists():
+            raise MAEError(f"cannot resume {run_dir}: no config.yaml and checkpoint.pt there")
+        return resolve(args.command, None, str(run_dir / "config.yaml"), overrides(args)), run_dir
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
     cfg = resolve(args.command, preset, args.config, overrides(args))
-    run_dir = Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.print_config and run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise MAEError(
-                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
-                "--overwrite to replace it, or another --out"
-            )
-        shutil.rmtree(run_dir)
-    return cfg, run_dir
+    return cfg, Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,9 +178,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
     job = tasks.pretrain if args.command == "pretrain" else tasks.finetune
-    job(cfg, run_dir, resume=bool(args.resume))
+    job(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
     return 0
 

@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
 from .config import Config
 from .errors import MAEError

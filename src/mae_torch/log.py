@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .plots import plot_curves, save_reconstructions
 
@@ -29,7 +29,7 @@ class RunLogger:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(str(self.run_dir))
-        self.interactive = sys.stderr.isatty()
+        self.interactive = sys.stderr.isatty() or "ipykernel" in sys.modules  # a terminal or a notebook
 
     def print(self, message: str) -> None:
         tqdm.write(message)

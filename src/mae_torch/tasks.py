@@ -14,6 +14,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -136,7 +137,26 @@ def model_config_from(meta: dict) -> ModelConfig:
 # ---------------------------------------------------------------- jobs
 
 
-def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def start_run(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory; an existing run is continued only on resume, replaced only on overwrite."""
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "checkpoint.pt").exists():
+            raise MAEError(f"cannot resume {run_dir}: no checkpoint.pt there")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise MAEError(
+                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
+                "--overwrite to replace it, or another --out"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """MAE pretraining into run_dir (see README, "What a run writes"); returns the last epoch's metrics."""
+    run_dir = start_run(run_dir, resume, overwrite)
     train_ds, val_ds, classes = build_datasets(**data_args(cfg))
     torch.manual_seed(cfg.run.seed)  # --seed decides the initial weights
     model = build_mae(cfg.model)
@@ -161,7 +181,9 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     return fit(task, train_ds, val_ds, cfg, run_dir, resume)
 
 
-def finetune(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a classifier into run_dir, from scratch or from cfg.run.pretrained; returns the last metrics."""
+    run_dir = start_run(run_dir, resume, overwrite)
     if cfg.run.pretrained and not resume:
         state, meta = load_weights(cfg.run.pretrained)
         pre = model_config_from(meta)
