@@ -58,8 +58,8 @@ def mae(*args) -> int:
 def fresh_rng(seed: int = 0) -> None:
     """Reset the global RNG before an in-process run whose weights are compared with another run's.
 
-    Needed because the model is initialised before `--seed` is applied (see
-    test_same_seed_gives_same_weights_in_one_process); harmless once that is fixed.
+    Runs seed themselves (test_same_seed_gives_same_weights_in_one_process checks it); this only keeps
+    the comparisons independent of what ran before them in the process.
     """
     torch.manual_seed(seed)
 
