@@ -102,6 +102,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o644)  # shared weights are readable by others, whatever mode the writer chose
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -162,7 +162,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     model = build_mae(cfg.model)
     device = resolve_device(cfg.run.device)
     n = min(cfg.run.recon_images, len(val_ds))
-    fixed = torch.stack([val_ds[i][0] for i in range(n)]) if n else None  # the same images every epoch...
+    picks = torch.linspace(0, len(val_ds) - 1, n).round().long().tolist()  # spread over the classes
+    fixed = torch.stack([val_ds[i][0] for i in picks]) if n else None  # the same images every epoch...
     noise = torch.rand(n, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed))
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)  # ...with the same mask, so epochs compare
 
