@@ -205,6 +205,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     device = resolve_device(rc.device)
     precision = resolve_precision(rc.precision, device)
     model = task.model.to(device)
+    if len(val_ds) == 0:
+        raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
     steps_per_epoch = len(train_ds) // tc.batch_size
     if steps_per_epoch == 0:
         raise MAEError(
@@ -219,8 +221,6 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)
     logger = RunLogger(run_dir)
-    if len(val_ds) == 0:
-        raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
     atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     start_epoch, step = 0, 0
