@@ -91,6 +91,10 @@ class TrainConfig:
     weight_decay: float = doc("AdamW weight decay (not on biases, norms, positions or tokens)", 0.05)
     betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.999))
     label_smoothing: float = doc("label smoothing of the classification loss (fine-tuning)", 0.0)
+    crop_scale: tuple[float, float] = doc(
+        "random resized crop area range; 1 1 = off (paper pretraining: 0.2 1)", (1.0, 1.0)
+    )
+    hflip: bool = doc("random horizontal flips (the paper's pretraining uses them)", False)
     monitor: str = doc("validation metric for best weights and early stopping: val_loss or val_acc", "val_loss")
     patience: int = doc("stop after this many epochs without improvement of monitor; 0 = never", 0)
     min_delta: float = doc("smallest change of monitor that counts as an improvement", 0.0)
@@ -119,6 +123,8 @@ class TrainConfig:
         check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, f"crop_scale must be two numbers 0 < min <= max <= 1, got {lo} {hi}")
 
 
 @dataclass
@@ -130,6 +136,8 @@ class RunConfig:
     device: str = doc("auto, cpu, cuda, cuda:N or mps", "auto")
     precision: str = doc("auto, bf16, fp16 or fp32 (auto: bf16 where the hardware has it)", "auto")
     num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
+    in_memory: bool = doc("hold small datasets as one uint8 tensor on the device (decoded once, cached)", True)
+    compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)
     recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
     pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
 

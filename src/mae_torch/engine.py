@@ -34,7 +34,9 @@ from tqdm import tqdm  # text bars: they work in terminals and notebooks without
 
 from .config import Config
 from .errors import MAEError
+from .augment import augment
 from .log import RunLogger, fmt_time
+from .memdata import DeviceBatches, in_memory
 
 SYNC_EVERY = 25  # optimizer steps between progress-bar refreshes (each one reads the loss: a host sync)
 
@@ -162,15 +164,15 @@ class Normalizer:
 
 
 def make_loader(ds: Dataset, batch: int, cfg: Config, device: torch.device, order=None) -> DataLoader:
-    workers = cfg.run.num_workers
+    """Batches of `ds` in the given order (else in order, keeping the last partial batch)."""
     return DataLoader(
         ds,
         batch_size=batch,
         sampler=order,
-        num_workers=workers,
+        num_workers=cfg.run.num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
         drop_last=order is not None,
+        generator=torch.Generator(),  # its own: drawing worker seeds must not shift the training RNG stream
     )
 
 
@@ -251,17 +253,28 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"
         + (f", patience {tc.patience}" if tc.patience else "")
     )
+    train_mem = in_memory(train_ds, device, rc.num_workers) if rc.in_memory else None
+    val_mem = in_memory(val_ds, device, rc.num_workers) if train_mem is not None else None
+    train_dev = DeviceBatches(train_mem, device) if train_mem is not None else None
+    val_dev = DeviceBatches(val_mem, device) if val_mem is not None else None
+    logger.print(f"  data: {'uint8 tensors on ' + str(device) if train_dev else 'DataLoader'}")
+    step_fn = torch.compile(model) if rc.compile else model
     val_loader = make_loader(val_ds, tc.micro_batch, cfg, device)
     metrics: dict = {}
     step_time = None  # moving average of seconds per optimizer step, for the run ETA
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size].tolist()
-        loader = make_loader(train_ds, tc.micro_batch, cfg, device, order)
+        order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size]
+        if train_dev:
+            loader = train_dev.batches(order, tc.micro_batch)
+        else:
+            loader = make_loader(train_ds, tc.micro_batch, cfg, device, order.tolist())
+        micro_steps = steps_per_epoch * tc.accum_steps
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(
             loader,
+            total=micro_steps,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             leave=False,
             dynamic_ncols=True,
@@ -270,7 +283,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         t_epoch = t_step = time.perf_counter()
         for i, (images, labels) in enumerate(bar):
             with autocast(device, precision):
-                loss = task.train_loss(model, norm(images), labels.to(device, non_blocking=True))
+                x = augment(norm(images), tc.crop_scale, tc.hflip)
+                loss = task.train_loss(step_fn, x, labels.to(device, non_blocking=True))
             scaler.scale(loss / tc.accum_steps).backward()
             loss_sum += loss.detach()
             if (i + 1) % tc.accum_steps:
@@ -295,11 +309,12 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
                 )
         epoch_time = time.perf_counter() - t_epoch
         bar.close()
-        val = evaluate(task, val_loader, norm, precision, rc.seed)
+        batches = val_dev.batches(torch.arange(len(val_dev)), tc.micro_batch, False) if val_dev else val_loader
+        val = evaluate(task, batches, norm, precision, rc.seed)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": loss_sum.item() / len(loader),
+            "train_loss": loss_sum.item() / micro_steps,
             **{f"val_{k}": v for k, v in val.items() if k != "n"},
             "lr": lr,
             "img_per_s": steps_per_epoch * tc.batch_size / epoch_time,

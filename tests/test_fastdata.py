@@ -1,0 +1,106 @@
+"""The fast data path: batched augmentation on the device, uint8 tensors in memory, the decode cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mae_torch.augment import random_hflip, random_resized_crop
+from mae_torch.cli import main
+from mae_torch.data import ImageFiles, build_datasets
+from mae_torch.memdata import DeviceBatches, in_memory
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(20):
+            img = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / c / f"{i}.png")
+    return tmp_path / "data"
+
+
+def test_full_crop_is_the_identity():
+    x = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(random_resized_crop(x, (1.0, 1.0), (1.0, 1.0)), x, atol=1e-5, rtol=0)
+
+
+def test_crop_magnifies_a_part_of_the_image():
+    ramp = torch.linspace(0, 1, 32).expand(16, 3, 32, 32).contiguous()  # value = horizontal position
+    out = random_resized_crop(ramp, (0.25, 0.25), (1.0, 1.0))  # half the width, somewhere inside
+    spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert torch.allclose(spans, torch.full_like(spans, 0.5), atol=0.05)
+    assert out.min() >= 0 and out.max() <= 1 and out[:, 0, 0, 0].std() > 0.05  # positions differ
+
+
+def test_hflip_flips_about_half():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, 4)
+    out = random_hflip(x)
+    same = (out == x).flatten(1).all(1)
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | flipped).all()) and 16 < int(flipped.sum()) < 48
+
+
+def test_in_memory_matches_files_and_is_cached(folder, monkeypatch):
+    ds = ImageFiles([str(p) for p in sorted(folder.glob("*/*.png"))], [0] * 20 + [1] * 20, 16)
+    mem = in_memory(ds, CPU)
+    assert mem.images.dtype == torch.uint8 and mem.images.shape == (40, 3, 16, 16)
+    for i in (0, 7, 39):
+        assert torch.equal(mem.images[i], ds[i][0]) and int(mem.labels[i]) == ds[i][1]
+    caches = list((folder / ".mae-cache").glob("*.safetensors"))
+    assert len(caches) == 1 and torch.equal(load_file(str(caches[0]))["images"], mem.images)
+
+    monkeypatch.setattr(ImageFiles, "__getitem__", lambda self, i: 1 / 0)  # a second call must not decode
+    assert torch.equal(in_memory(ds, CPU).images, mem.images)
+    monkeypatch.undo()
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "a" / "0.png")  # new content: new key
+    os.utime(folder / "a" / "0.png", ns=(1, 1))
+    assert in_memory(ds, CPU).images[0].sum() == 0
+    assert len(list((folder / ".mae-cache").glob("*.safetensors"))) == 2
+
+
+def test_splits_and_batches(folder):
+    train, val, _ = build_datasets(str(folder), data_root=None, img_size=16, val_fraction=0.2, seed=0)
+    mem = in_memory(val, CPU)
+    assert len(mem.images) == len(val) == 8
+    assert all(torch.equal(mem.images[i], val[i][0]) for i in range(8))
+    batches = DeviceBatches(mem, CPU)
+    assert [len(x) for x, _ in batches.batches(torch.arange(8), 3)] == [3, 3]
+    assert [len(x) for x, _ in batches.batches(torch.arange(8), 3, drop_last=False)] == [3, 3, 2]
+
+
+def test_in_memory_and_dataloader_paths_train_identically(folder, tmp_path):
+    args = [
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--data",
+        folder,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--hflip",
+        "--crop-scale",
+        "0.5",
+        "1",
+    ]
+    for name, flag in (("mem", "--in-memory"), ("loader", "--no-in-memory")):
+        assert main([str(a) for a in [*args, flag, "--out", tmp_path / name]]) == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("mem", "loader"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
