@@ -32,9 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
+from .augment import augment
 from .config import Config
 from .errors import MAEError
-from .augment import augment
 from .log import RunLogger, fmt_time
 from .memdata import DeviceBatches, in_memory
 
