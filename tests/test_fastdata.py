@@ -104,3 +104,36 @@ def test_in_memory_and_dataloader_paths_train_identically(folder, tmp_path):
         assert main([str(a) for a in [*args, flag, "--out", tmp_path / name]]) == 0
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("mem", "loader"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_attention_kernels_agree():
+    from mae_torch.vit import ViT, set_attention
+
+    torch.manual_seed(0)
+    vit = ViT(16, 4, 3, 32, 2, 2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    set_attention(vit, "math")
+    a = vit.forward_features(x)
+    set_attention(vit, "sdpa")
+    torch.testing.assert_close(vit.forward_features(x), a, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_counts_the_flops_of_a_training_step(capsys):
+    import json
+
+    assert main(["bench", "--preset", "smoke", "--steps", "1", "--warmup", "0", "--baseline", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["mode"], r["design"]) for r in rows] == [
+        ("pretrain", "mae-torch"),
+        ("finetune", "mae-torch"),
+        ("pretrain", "baseline"),
+    ]
+    assert all(r["img_per_s"] > 0 and 0 < r["data_fraction"] < 1 for r in rows)
+    # smoke classifier: 16x16 image, 4x4 patches (L = 16, N = 17 tokens), width 32, 2 blocks, MLP 2x, 10 classes.
+    # Forward multiply-adds x 2 = FLOPs; backward costs twice the forward, so a step is 3x the forward.
+    L, N, D, depth, hidden = 16, 17, 32, 2, 64
+    block = N * D * 3 * D + N * D * D + 2 * N * D * hidden + 2 * N * N * D  # qkv, proj, mlp, q@k and attn@v
+    forward = 2 * (L * D * 4 * 4 * 3 + depth * block + D * 10)
+    # the patch embedding's input gradient is never needed (its input is the image): one backward matmul less
+    assert rows[1]["gflop_per_img"] * 1e9 == pytest.approx(3 * forward - 2 * L * D * 48, rel=1e-3)
+    assert rows[0]["gflop_per_img"] == pytest.approx(rows[2]["gflop_per_img"])  # same shapes as the baseline

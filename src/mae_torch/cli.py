@@ -1,4 +1,4 @@
-"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, bench.
 
 Design decisions:
 - Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
@@ -135,6 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl)")
     p.add_argument("--out", default="compare.png", help="the PNG to write")
+
+    p = sub.add_parser(
+        "bench",
+        help="time the pretraining and fine-tuning steps: img/s, GFLOP/img, TFLOP/s, share of peak",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="model and data shapes to time")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, after warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--attention", default="auto", help="auto, sdpa or math (see mae pretrain --help)")
+    p.add_argument("--mode", choices=["pretrain", "finetune", "both"], default="both", help="which step")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the starting project's design (fp32, eager, host-side shuffles)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -165,6 +186,30 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reconstruct":
         out = tasks.reconstruct(args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.device)
         print(f"wrote {out}")
+        return 0
+    if args.command == "bench":
+        from .bench import bench, describe
+
+        modes = ("pretrain", "finetune") if args.mode == "both" else (args.mode,)
+        results = []
+        for r in bench(
+            args.preset,
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.precision,
+            args.baseline,
+            args.compile,
+            modes,
+            args.attention,
+        ):
+            results.append(r)
+            print(json.dumps(r) if args.json else describe(r), flush=True)
+        base = [r for r in results if r["design"] == "baseline"]
+        ours = [r for r in results if r["design"] != "baseline" and r["mode"] == "pretrain"]
+        if base and ours and not args.json:
+            print(f"pretraining speed-up over the starting design: {ours[0]['img_per_s'] / base[0]['img_per_s']:.2f}x")
         return 0
     if args.command == "compare":
         from .plots import compare_runs

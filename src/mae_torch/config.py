@@ -137,6 +137,7 @@ class RunConfig:
     precision: str = doc("auto, bf16, fp16 or fp32 (auto: bf16 where the hardware has it)", "auto")
     num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
     in_memory: bool = doc("hold small datasets as one uint8 tensor on the device (decoded once, cached)", True)
+    attention: str = doc("sdpa, math, or auto: SDPA on GPUs, matmul + softmax on CPUs (measured faster)", "auto")
     compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)
     recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
     pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
@@ -159,6 +160,10 @@ class Config:
             "pretraining measures no accuracy: use --monitor val_loss",
         )
         check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
+        check(
+            self.run.attention in ("auto", "sdpa", "math"),
+            f"attention must be auto, sdpa or math, not {self.run.attention}",
+        )
         check(
             self.run.precision in ("auto", "bf16", "fp16", "fp32"),
             f"precision must be auto, bf16, fp16 or fp32, not {self.run.precision}",

@@ -37,6 +37,7 @@ from .config import Config
 from .errors import MAEError
 from .log import RunLogger, fmt_time
 from .memdata import DeviceBatches, in_memory
+from .vit import set_attention
 
 SYNC_EVERY = 25  # optimizer steps between progress-bar refreshes (each one reads the loss: a host sync)
 
@@ -147,6 +148,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
+def resolve_attention(name: str, device: torch.device) -> str:
+    return name if name != "auto" else ("sdpa" if device.type == "cuda" else "math")
+
+
 def autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -207,6 +212,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     device = resolve_device(rc.device)
     precision = resolve_precision(rc.precision, device)
     model = task.model.to(device)
+    attention = resolve_attention(rc.attention, device)
+    set_attention(model, attention)
     if len(val_ds) == 0:
         raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
     steps_per_epoch = len(train_ds) // tc.batch_size
@@ -247,7 +254,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(
         f"{cfg.command}: {len(train_ds)} train / {len(val_ds)} val images | {n_params / 1e6:.2f}M parameters | "
-        f"device {device}, precision {precision}\n"
+        f"device {device}, precision {precision}, attention {attention}\n"
         f"  batch {tc.batch_size} = {tc.micro_batch} x {tc.accum_steps} accumulation | "
         f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {steps_per_epoch} steps/epoch, "
         f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"

@@ -1,6 +1,8 @@
 """The Vision Transformer backbone: one class for pretraining, fine-tuning, linear probing and features.
 
 Design decisions:
+- Attention is timm's: fused `scaled_dot_product_attention`, or explicit matmul + softmax where that
+  measured faster (CPUs); `set_attention` switches, `engine` picks per device.
 - Parameter names are those of timm and of the official MAE checkpoints (`patch_embed.proj`, `cls_token`,
   `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fc_norm`, `head`),
   so weights load with `strict=True`. The blocks are timm's `Block` (attention through
@@ -51,6 +53,15 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def set_attention(model: nn.Module, kind: str) -> None:
+    """Attention kernel of every timm block: "sdpa" (fused `scaled_dot_product_attention`, best on GPUs) or
+    "math" (matmul + softmax; on the 2-core AMX CPU we develop on it made the pretraining step 1.3x faster
+    than SDPA's CPU kernels, see docs/benchmarks.md). Same numbers either way, up to rounding."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = kind == "sdpa"
 
 
 class ViT(nn.Module):

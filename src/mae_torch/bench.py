@@ -1,0 +1,168 @@
+"""`mae bench`: throughput of the training step, counted FLOPs, and the speed-up over the plain way.
+
+Design decisions:
+- A step is what training does: a uint8 batch indexed from images held on the device -> normalize
+  (-> augment) -> forward -> backward -> AdamW update, timed after warm-up with one device sync per timed
+  block, never per step. The batch-making part is also timed alone ("data", a share of the step).
+- FLOPs come from `torch.utils.flop_counter` on one step, with attention forced to the math kernel while
+  counting so its matrix products are seen; achieved TFLOP/s = FLOPs per image x img/s.
+- The peak is measured, not looked up: the best of a few large matrix products in the same precision.
+- `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
+  masks from per-sample shuffles on the host), so the speed-up is a ratio measured in one run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .augment import augment
+from .config import resolve
+from .data import TensorImages
+from .engine import Normalizer, autocast, param_groups, resolve_attention, resolve_device, resolve_precision
+from .memdata import DeviceBatches
+from .tasks import build_mae, build_vit
+from .vit import set_attention
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_peak(device: torch.device, precision: str) -> float:
+    """Best TFLOP/s of a large square matrix product in the step's precision."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        sync(device)
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t) / 1e12)
+    return best
+
+
+def make_step(
+    mode: str,
+    preset: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    baseline: bool,
+    compile: bool = False,
+    attention: str = "auto",
+):
+    """A closure running one training step on a fixed random uint8 batch, and the batch-making cost alone."""
+    cfg = resolve(mode, preset)
+    tc = cfg.train
+    model = (build_mae(cfg.model) if mode == "pretrain" else build_vit(cfg.model, 10)).to(device)
+    set_attention(model, "sdpa" if baseline else resolve_attention(attention, device))  # baseline: timm's default
+    forward = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    m = cfg.model
+    pool = torch.randint(0, 256, (4 * batch, m.in_chans, m.img_size, m.img_size), dtype=torch.uint8)
+    data_set = DeviceBatches(TensorImages(pool, torch.randint(0, 10, (4 * batch,))), device)  # as in training
+    norm = Normalizer(m.mean, m.std, device)
+    num_patches = model.patch_embed.num_patches
+    rng = np.random.default_rng(0)
+
+    def data():
+        images, labels = next(data_set.batches(torch.randperm(len(data_set))[:batch], batch))
+        return augment(norm(images), tc.crop_scale, tc.hflip), labels
+
+    def step():
+        x, labels = data()
+        with autocast(device, precision):
+            if mode == "finetune":
+                loss = F.cross_entropy(forward(x), labels)
+            elif baseline:  # the starting project: a numpy shuffle per sample on the host, then to the device
+                perm = np.stack([rng.permutation(num_patches) for _ in range(batch)])
+                noise = torch.from_numpy(np.argsort(perm, axis=1) / num_patches).float().to(device)
+                loss = forward(x, noise=noise).loss
+            else:
+                loss = forward(x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, data
+
+
+def time_it(fn, device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per call after warm-up; the device is synchronized once around the timed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def bench(
+    preset: str,
+    batch: int = 128,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    baseline: bool = False,
+    compile: bool = False,
+    modes=("pretrain", "finetune"),
+    attention: str = "auto",
+):
+    """Yield one result dict per measured configuration."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    peaks = {}
+    runs = [(mode, prec, False, compile) for mode in modes]
+    if baseline:
+        runs.append(("pretrain", "fp32", True, False))
+    for mode, p, base, comp in runs:
+        step, data = make_step(mode, preset, batch, dev, p, base, comp, attention)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            step()
+        flops = counter.get_total_flops() / batch
+        seconds = time_it(step, dev, steps, warmup)
+        data_s = time_it(data, dev, steps, 1)
+        if p not in peaks:
+            peaks[p] = measured_peak(dev, p)
+        tflops = flops * batch / seconds / 1e12
+        yield {
+            "mode": mode,
+            "design": "baseline" if base else "mae-torch",
+            "preset": preset,
+            "batch": batch,
+            "device": str(dev),
+            "precision": p,
+            "compile": comp,
+            "attention": "sdpa" if base else resolve_attention(attention, dev),
+            "img_per_s": batch / seconds,
+            "ms_per_step": seconds * 1e3,
+            "gflop_per_img": flops / 1e9,
+            "tflop_per_s": tflops,
+            "peak_tflop_per_s": peaks[p],
+            "fraction_of_peak": tflops / peaks[p],
+            "data_fraction": data_s / seconds,
+            "threads": torch.get_num_threads(),
+        }
+
+
+def describe(r: dict) -> str:
+    return (
+        f"{r['mode']:>8} {r['design']:>9} | {r['preset']} batch {r['batch']} {r['precision']} on {r['device']}"
+        f" {r['attention']} attention{' compiled' if r['compile'] else ''}: "
+        f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step, "
+        f"{r['gflop_per_img']:.2f} GFLOP/img, {r['tflop_per_s']:.3f} TFLOP/s = {r['fraction_of_peak']:.0%} of "
+        f"the measured {r['peak_tflop_per_s']:.3f} peak, data {r['data_fraction']:.1%} of the step"
+    )
