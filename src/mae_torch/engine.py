@@ -168,13 +168,13 @@ class Normalizer:
         return (images.to(self.mean.device, non_blocking=True).float() - self.mean) / self.std
 
 
-def make_loader(ds: Dataset, batch: int, cfg: Config, device: torch.device, order=None) -> DataLoader:
+def make_loader(ds: Dataset, batch: int, workers: int, device: torch.device, order=None) -> DataLoader:
     """Batches of `ds` in the given order (else in order, keeping the last partial batch)."""
     return DataLoader(
         ds,
         batch_size=batch,
         sampler=order,
-        num_workers=cfg.run.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=order is not None,
         generator=torch.Generator(),  # its own: drawing worker seeds must not shift the training RNG stream
@@ -266,7 +266,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     val_dev = DeviceBatches(val_mem, device) if val_mem is not None else None
     logger.print(f"  data: {'uint8 tensors on ' + str(device) if train_dev else 'DataLoader'}")
     step_fn = torch.compile(model) if rc.compile else model
-    val_loader = make_loader(val_ds, tc.micro_batch, cfg, device)
+    val_loader = make_loader(val_ds, tc.micro_batch, rc.num_workers, device)
     metrics: dict = {}
     step_time = None  # moving average of seconds per optimizer step, for the run ETA
     for epoch in range(start_epoch, tc.epochs):
@@ -276,7 +276,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         if train_dev:
             loader = train_dev.batches(order, tc.micro_batch)
         else:
-            loader = make_loader(train_ds, tc.micro_batch, cfg, device, order.tolist())
+            loader = make_loader(train_ds, tc.micro_batch, rc.num_workers, device, order.tolist())
         micro_steps = steps_per_epoch * tc.accum_steps
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(

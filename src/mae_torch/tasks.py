@@ -252,9 +252,7 @@ def evaluate_checkpoint(
     def sums(model, x, y):
         return classification_sums(model, x, to_ckpt.to(y.device)[y])
 
-    cfg = Config()
-    cfg.run.num_workers = num_workers
-    loader = make_loader(ds, batch_size, cfg, dev)
+    loader = make_loader(ds, batch_size, num_workers, dev)
     result = evaluate(Task(model, None, sums, meta), loader, norm, resolve_precision(precision, dev))
     return {"top1": result["acc"], "loss": result["loss"], "n": result["n"]}
 
