@@ -60,6 +60,7 @@ def make_step(
     baseline: bool,
     compile: bool = False,
     attention: str = "auto",
+    augmented: bool = False,
 ):
     """A closure running one training step on a fixed random uint8 batch, and the batch-making cost alone."""
     cfg = resolve(mode, preset)
@@ -75,9 +76,11 @@ def make_step(
     num_patches = model.patch_embed.num_patches
     rng = np.random.default_rng(0)
 
+    crop, flip = ((0.2, 1.0), True) if augmented else (tc.crop_scale, tc.hflip)
+
     def data():
         images, labels = next(data_set.batches(torch.randperm(len(data_set))[:batch], batch))
-        return augment(norm(images), tc.crop_scale, tc.hflip), labels
+        return augment(norm(images), crop, flip), labels
 
     def step():
         x, labels = data()
@@ -120,6 +123,7 @@ def bench(
     compile: bool = False,
     modes=("pretrain", "finetune"),
     attention: str = "auto",
+    augmented: bool = False,
 ):
     """Yield one result dict per measured configuration."""
     dev = resolve_device(device)
@@ -129,7 +133,7 @@ def bench(
     if baseline:
         runs.append(("pretrain", "fp32", True, False))
     for mode, p, base, comp in runs:
-        step, data = make_step(mode, preset, batch, dev, p, base, comp, attention)
+        step, data = make_step(mode, preset, batch, dev, p, base, comp, attention, augmented and not base)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             step()
         flops = counter.get_total_flops() / batch
@@ -147,6 +151,7 @@ def bench(
             "precision": p,
             "compile": comp,
             "attention": "sdpa" if base else resolve_attention(attention, dev),
+            "augmented": augmented and not base,
             "img_per_s": batch / seconds,
             "ms_per_step": seconds * 1e3,
             "gflop_per_img": flops / 1e9,
@@ -161,7 +166,8 @@ def bench(
 def describe(r: dict) -> str:
     return (
         f"{r['mode']:>8} {r['design']:>9} | {r['preset']} batch {r['batch']} {r['precision']} on {r['device']}"
-        f" {r['attention']} attention{' compiled' if r['compile'] else ''}: "
+        f" {r['attention']} attention{' compiled' if r['compile'] else ''}"
+        f"{' crop+flip' if r['augmented'] else ''}: "
         f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step, "
         f"{r['gflop_per_img']:.2f} GFLOP/img, {r['tflop_per_s']:.3f} TFLOP/s = {r['fraction_of_peak']:.0%} of "
         f"the measured {r['peak_tflop_per_s']:.3f} peak, data {r['data_fraction']:.1%} of the step"

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--attention", default="auto", help="auto, sdpa or math (see mae pretrain --help)")
+    p.add_argument("--augment", action="store_true", help="add the paper's crop (0.2-1) and flip to every step")
     p.add_argument("--mode", choices=["pretrain", "finetune", "both"], default="both", help="which step")
     p.add_argument(
         "--baseline",
@@ -203,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
             args.compile,
             modes,
             args.attention,
+            args.augment,
         ):
             results.append(r)
             print(json.dumps(r) if args.json else describe(r), flush=True)
