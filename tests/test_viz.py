@@ -117,3 +117,43 @@ def test_picture_commands_refuse_bad_input(runs, capsys, args, expected):
     assert mae(*[a.format(**paths) for a in args], *([] if args[0] == "compare" else ["--out", runs / "o.png"])) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
+
+
+def test_embed_writes_the_encoders_features_and_labels(runs, capsys):
+    import json
+
+    from mae_torch.data import build_datasets
+    from mae_torch.engine import Normalizer
+    from mae_torch.tasks import build_vit, load_weights, model_config_from
+
+    out = runs / "feats.npy"
+    assert (
+        mae(
+            "embed",
+            "--checkpoint",
+            runs / "ft",
+            "--data",
+            runs / "data",
+            "--out",
+            out,
+            "--pool",
+            "avg",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["n"] == 48
+    feats, labels = np.load(out), np.load(runs / "feats.labels.npy")
+    assert feats.shape == (48, 32) and list(labels) == [0] * 24 + [1] * 24
+    state, meta = load_weights(runs / "ft")
+    m = model_config_from(meta)
+    vit = build_vit(m, 2)
+    vit.load_state_dict(state)
+    ds, _, _ = build_datasets(str(runs / "data"), data_root=None, img_size=16, val_fraction=0.0)
+    x = Normalizer(m.mean, m.std, torch.device("cpu"))(torch.stack([ds[i][0] for i in (0, 47)]))
+    with torch.no_grad():
+        expected = vit.eval().encode(x, "avg")
+    np.testing.assert_allclose(feats[[0, 47]], expected.numpy(), atol=2e-2)  # bf16 autocast in embed

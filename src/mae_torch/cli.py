@@ -1,4 +1,4 @@
-"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, bench.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, embed, bench.
 
 Design decisions:
 - Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
@@ -137,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="the PNG to write")
 
     p = sub.add_parser(
+        "embed",
+        help="encoder features of a dataset (no masking) to a .npy file, with its labels beside",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|WEIGHTS", help="any mae-torch weights")
+    p.add_argument("--data", required=True, help="cifar10/cifar100 or a folder of images (labeled or not)")
+    p.add_argument("--out", default="feats.npy", help="features (N, D); labels go to OUT.labels.npy")
+    p.add_argument("--pool", choices=["cls", "avg"], default=None, help="pooling (default: the model's own)")
+    p.add_argument(
+        "--split",
+        choices=["train", "eval"],
+        default="train",
+        help="train: training images (a folder: all of it); eval: the test split, as mae evaluate",
+    )
+    p.add_argument("--data-root", default="", help="where torchvision datasets live")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+
+    p = sub.add_parser(
         "bench",
         help="time the pretraining and fine-tuning steps: img/s, GFLOP/img, TFLOP/s, share of peak",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -187,6 +207,22 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reconstruct":
         out = tasks.reconstruct(args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.device)
         print(f"wrote {out}")
+        return 0
+    if args.command == "embed":
+        from .features import embed
+
+        summary = embed(
+            args.checkpoint,
+            args.data,
+            args.out,
+            args.pool,
+            args.split,
+            args.data_root,
+            args.batch_size,
+            args.device,
+            args.num_workers,
+        )
+        print(json.dumps(summary))
         return 0
     if args.command == "bench":
         from .bench import bench, describe

@@ -130,5 +130,13 @@ class ViT(nn.Module):
         x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
+    def encode(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """Features of whole images, no masking: (B, C, H, W) -> (B, D). pool: "cls" (the CLS token after
+        norm), "avg" (mean patch token, then fc_norm if the model has one), or None for the model's own."""
+        feats = self.forward_features(imgs)
+        if (pool or self.global_pool) == "cls":
+            return feats[:, 0]
+        return self.fc_norm(feats[:, 1:].mean(dim=1))
+
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(imgs))
