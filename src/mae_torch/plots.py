@@ -49,15 +49,16 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "") ->
     panels = [p for p in PANELS if any(k in m for ms in runs.values() for m in ms for k in p[2])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (name, ylabel, keys) in zip(axes[0], panels):
-        for run, metrics in runs.items():
-            for key in keys:
+        for i, (run, metrics) in enumerate(runs.items()):
+            for key in keys:  # one colour per run, dashed for training and solid for validation
                 points = [(m["epoch"], m[key]) for m in metrics if key in m]
                 if points:
                     style = "--" if key.startswith("train") else "-"
                     label = key if len(runs) == 1 else f"{run} {key}"
-                    ax.plot(*zip(*points), style, marker="." if len(points) < 30 else None, label=label)
+                    marker = "." if len(points) < 30 else None
+                    ax.plot(*zip(*points), style, color=f"C{i}", marker=marker, label=label)
         ax.set(title=name, xlabel="epoch", ylabel=ylabel)
-        if name in ("loss", "learning rate"):
+        if name == "loss":
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

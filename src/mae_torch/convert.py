@@ -1,0 +1,425 @@
+"""Weights in and out: official MAE checkpoints, transformers' ViTMAE, timm ViTs and mae-torch files.
+
+Design decisions:
+- Every format is read into one value, `Weights`: a state dict in *our* names (those of the official
+  checkpoints and of timm, so these two need no renaming), a `ModelConfig`, the arch ("mae" when a decoder is
+  present, else "vit") and the class count. Every writer starts from it: a conversion is a read and a write.
+- Shapes are the truth: widths, depths, patch, grid, channels and MLP ratio come from the tensors. Attention
+  heads leave no trace in them (qkv is (3D, D) for any head count), so they come from the file's own
+  description (our metadata, transformers' config.json), else from the official models' table, else D / 64;
+  `num_heads=` overrides.
+- No code runs when reading: pickles load with `weights_only=False`, allowing only `argparse.Namespace`
+  (official checkpoints pickle their args). Anything else is an MAEError, never a retry without the guard.
+- transformers renamed ViTMAE's tensors in v5 (`encoder.layer.i.attention.attention.query` ->
+  `layers.i.attention.q_proj`, `intermediate.dense` -> `mlp.fc1`, ...), and v5's `save_pretrained` writes
+  the old names, the decoder's as `decoder_encoder.layer.i`. The reader accepts all of them; the writer
+  fills whatever names the installed transformers' model has, then lets transformers save it.
+- Files we write carry our model description (a `mae_torch` entry or metadata, ignored by the official
+  code and by timm; a preprocessor_config.json for transformers), so every round trip is exact.
+- Position tables: a sin-cos table is recognized by value and regenerated for a new grid (exact); a learned
+  one is resized bicubically by timm's `resample_abs_pos_embed`, the CLS row kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+from dataclasses import asdict, replace
+from math import isqrt
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from torch import nn
+
+from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
+from .engine import save_weights
+from .errors import MAEError
+from .ops import sincos_pos_embed
+from .tasks import build_mae, build_vit, load_encoder, load_weights, model_config_from
+from .vit import ViT
+
+FORMATS = ("official", "hf", "timm", "ours")
+HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H (timm, models_mae.py)
+DECODER_HEADS = {512: 16}  # the official decoder: 512 wide, 16 heads, for every model size
+DECODER = ("decoder_", "mask_token")  # our pretraining-only tensors
+
+# fmt: off
+# transformers' ViTMAE names (v4 and v5; "vit." prefix stripped) -> ours; `.weight` / `.bias` follow both.
+HF_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection": "patch_embed.proj", "layernorm": "norm",
+            "decoder.decoder_embed": "decoder_embed", "decoder.mask_token": "mask_token",
+            "decoder.decoder_pos_embed": "decoder_pos_embed", "decoder.decoder_norm": "decoder_norm",
+            "decoder.decoder_pred": "decoder_pred"}
+HF_BLOCK = re.compile(r"^(decoder\.decoder_layers|decoder\.decoder_encoder\.layer|encoder\.layer|layers)\.(\d+)\.(.+)$")
+HF_IN_BLOCK = {"attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",  # v4 name, v5 name
+               "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
+               "layernorm_before": "norm1", "layernorm_after": "norm2"}
+QKV = {"query": 0, "q_proj": 0, "key": 1, "k_proj": 1, "value": 2, "v_proj": 2}  # their third of our qkv
+# ViTMAEConfig fields -> ModelConfig fields (the MLP widths are mlp_ratio * width)
+HF_CONFIG = {"hidden_size": "embed_dim", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+             "image_size": "img_size", "patch_size": "patch_size", "num_channels": "in_chans",
+             "decoder_hidden_size": "decoder_embed_dim", "decoder_num_hidden_layers": "decoder_depth",
+             "decoder_num_attention_heads": "decoder_num_heads", "mask_ratio": "mask_ratio",
+             "norm_pix_loss": "norm_pix_loss"}
+# fmt: on
+
+
+class Weights(NamedTuple):
+    state: dict[str, torch.Tensor]  # our key names
+    model: ModelConfig
+    arch: str  # "mae" (with decoder) or "vit"
+    num_classes: int  # 0: no head
+    classes: list[str] | None = None
+
+
+# ---------------------------------------------------------------- reading files safely
+
+
+def torch_load(path: Path) -> Any:
+    """A pickle's tensors and plain data, running no code; official checkpoints' argparse args allowed."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise MAEError(
+            f"{path} needs {found.group(1) if found else 'code'} to load, and mae-torch never runs code from "
+            "a weights file; re-save its state dict as plain tensors (or safetensors) where you trust it"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as e:  # missing, truncated, not a torch file
+        raise MAEError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, our model description if the file carries one)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = (f.metadata() or {}).get("mae_torch")
+        return load_file(str(path)), json.loads(meta) if meta else None
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise MAEError(f"cannot read {path}: {e}") from None
+
+
+def hf_key(key: str) -> tuple[str, int | None] | None:
+    """transformers' tensor name -> (our name, its third of qkv or None); None: not a ViTMAE name."""
+    name, dot, leaf = key.rpartition(".")
+    if leaf not in ("weight", "bias"):
+        name, dot, leaf = key, "", ""
+    name = name.removeprefix("vit.")  # ViTForPreTraining nests the encoder; ViTMAEModel does not
+    if m := HF_BLOCK.match(name):
+        part = QKV.get(m[3].rsplit(".", 1)[-1]) if m[3].startswith("attention.") else None
+        inner = "attn.qkv" if part is not None else HF_IN_BLOCK.get(m[3])
+        where = "decoder_blocks" if m[1].startswith("decoder") else "blocks"
+        return (f"{where}.{m[2]}.{inner}{dot}{leaf}", part) if inner else None
+    return (HF_NAMES[name] + dot + leaf, None) if name in HF_NAMES else None
+
+
+# ---------------------------------------------------------------- what the tensors say
+
+
+def is_sincos(pos_embed: torch.Tensor) -> bool:
+    """Whether a (1, 1 + g*g, D) table is the fixed 2-D sin-cos one (up to fp16 storage rounding)."""
+    D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
+    return D % 4 == 0 and torch.allclose(pos_embed[0].float(), sincos_pos_embed(D, grid), atol=1e-3)
+
+
+def guess_heads(width: int, table: dict[int, int], flag: str) -> int:
+    if width in table or width % 64 == 0:
+        return table.get(width, width // 64)  # the official sizes, else timm's usual 64-wide heads
+    raise MAEError(f"cannot tell the attention heads of a {width}-wide model from its tensors; pass {flag}")
+
+
+def infer_config(state: dict, known: dict | None = None, num_heads: int | None = None, decoder_num_heads=None):
+    """Our ModelConfig from the tensors' shapes; `known` (the file's own description) fills what they hide."""
+    known = dict(known or {})
+    try:
+        w, pos, fc1 = state["patch_embed.proj.weight"], state["pos_embed"], state["blocks.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise MAEError(f"not ViT weights: no tensor {e}; check --from") from None
+    D, C, p, L = w.shape[0], w.shape[1], w.shape[-1], pos.shape[1] - 1  # L: patches (minus the CLS position)
+    if isqrt(L) ** 2 != L or w.shape[-2] != p:
+        raise MAEError(
+            f"a position table of {L + 1} rows fits no square grid after a CLS position "
+            "(timm's no_embed_class and non-square models are not supported)"
+        )
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    fields = dict(img_size=isqrt(L) * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth)
+    fields["mlp_ratio"] = fc1.shape[0] / D
+    fields["pos_embed"] = known.get("pos_embed") or ("sincos" if is_sincos(pos) else "learned")  # said, else seen
+    fields["num_heads"] = num_heads or known.get("num_heads") or guess_heads(D, HEADS, "--num-heads")
+    if "decoder_embed.weight" not in state:  # a classifier's pooling shows in its keys: fc_norm iff avg
+        fields["global_pool"] = "avg" if "fc_norm.weight" in state else "cls"
+    if "decoder_embed.weight" in state:
+        E = state["decoder_embed.weight"].shape[0]
+        if state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != fc1.shape[0] // D * E:
+            raise MAEError("encoder and decoder MLP ratios differ; mae-torch's MAE uses one mlp_ratio for both")
+        fields.update(decoder_embed_dim=E, decoder_depth=len({k.split(".")[1] for k in state if "r_blocks." in k}))
+        fields["decoder_num_heads"] = (
+            decoder_num_heads or known.get("decoder_num_heads") or guess_heads(E, DECODER_HEADS, "--decoder-num-heads")
+        )
+    if len(known.get("mean", IMAGENET_MEAN)) != C:  # no mean/std for these channels: ImageNet's, averaged
+        known["mean"], known["std"] = [sum(IMAGENET_MEAN) / 3] * C, [sum(IMAGENET_STD) / 3] * C
+    cfg = from_dict(ModelConfig, {**known, **fields})
+    cfg.validate()
+    return cfg
+
+
+def weights_from(state: dict, known: dict | None, classes=None, **heads) -> Weights:
+    arch = "mae" if "decoder_pred.weight" in state else "vit"
+    n = state["head.weight"].shape[0] if "head.weight" in state else 0
+    return Weights(state, infer_config(state, known, **heads), arch, n, classes)
+
+
+def described(meta: dict | None) -> tuple[dict, list | None]:
+    """(known ModelConfig fields, classes) from a mae-torch description, if the file carries one."""
+    return (dict(meta["model"]), meta.get("classes")) if meta else ({}, None)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_ours(src: str | Path) -> Weights:
+    state, meta = load_weights(src)
+    n = state["head.weight"].shape[0] if "head.weight" in state else 0
+    return Weights(state, model_config_from(meta), meta.get("arch", "mae"), n, meta.get("classes"))
+
+
+def read_official(src: str | Path | dict, num_heads: int | None = None, decoder_num_heads=None) -> Weights:
+    """facebookresearch/mae checkpoints: {"model": state dict, "args": Namespace, ...}."""
+    ckpt = src if isinstance(src, dict) else torch_load(Path(src))
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise MAEError(f"{src} is not an official MAE checkpoint: expected a dict with a 'model' state dict")
+    known, classes = described(json.loads(ckpt["mae_torch"]) if "mae_torch" in ckpt else None)
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    known.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args and k not in known})
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # DDP-wrapped saves
+    return weights_from(state, known, classes, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def read_timm(src: str | Path | dict, num_heads: int | None = None, decoder_num_heads=None) -> Weights:
+    """A timm VisionTransformer state dict (our names already): .safetensors, or .pth/.bin without code."""
+    meta = None
+    if not isinstance(src, dict):
+        path = Path(src)
+        src, meta = read_safetensors(path) if path.suffix == ".safetensors" else (torch_load(path), None)
+    state = src.get("state_dict", src)  # timm's train.py checkpoints nest it
+    known, classes = described(meta)
+    return weights_from(dict(state), known, classes, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def read_hf(src: str | Path | dict, config: dict | None = None, num_heads=None, decoder_num_heads=None) -> Weights:
+    """transformers' ViTMAEForPreTraining / ViTMAEModel: a state dict (+ its config), or a saved folder."""
+    if not isinstance(src, dict):
+        src, config, pre = hf_files(Path(src))
+    else:
+        pre = {}
+    state, qkv, unknown = {}, {}, []
+    for key, value in src.items():
+        hit = hf_key(key)
+        if hit is None:
+            unknown.append(key)
+        elif hit[1] is None:
+            state[hit[0]] = value
+        else:
+            qkv.setdefault(hit[0], [None] * 3)[hit[1]] = value
+    if unknown or any(t is None for parts in qkv.values() for t in parts):
+        raise MAEError(f"not transformers' ViTMAE weights: unknown {unknown[:4]} or an incomplete query/key/value")
+    state.update({k: torch.cat(parts) for k, parts in qkv.items()})  # rows q, k, v: timm's qkv layout
+    c = config or {}
+    if c.get("hidden_act", "gelu") != "gelu" or not c.get("qkv_bias", True):
+        raise MAEError("this ViTMAE uses another activation or no qkv bias; mae-torch's blocks use exact GELU and bias")
+    # layer_norm_eps is not kept: ours is the official 1e-6 (transformers' hub configs say 1e-12, a difference
+    # far below fp32 rounding for LayerNorm inputs of unit scale).
+    known = {ours: c[theirs] for theirs, ours in HF_CONFIG.items() if theirs in c}
+    known.update(
+        {ours: pre[theirs] for theirs, ours in (("image_mean", "mean"), ("image_std", "std")) if theirs in pre}
+    )
+    return weights_from(state, known, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def hf_files(path: Path) -> tuple[dict, dict | None, dict]:
+    """(tensors, config.json, preprocessor_config.json) of a save_pretrained folder or of a file in one."""
+    folder = path if path.is_dir() else path.parent
+    config, pre = (folder / "config.json", folder / "preprocessor_config.json")
+    config, pre = (json.loads(f.read_text()) if f.exists() else None for f in (config, pre))
+    file = path if path.is_file() else folder / "model.safetensors"
+    if not file.exists() and (folder / "pytorch_model.bin").exists():  # older saves; read without code
+        file = folder / "pytorch_model.bin"
+    state = read_safetensors(file)[0] if file.suffix == ".safetensors" else torch_load(file)
+    return state, config, pre or {}
+
+
+def detect(path: Path) -> tuple[str, Any]:
+    """(format, the loaded pickle when telling needed it, else None)."""
+    if path.is_dir():
+        return ("hf" if (path / "config.json").exists() else "ours"), None  # else a mae-torch run directory
+    if not path.exists():
+        raise MAEError(f"weights not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, keys = f.metadata() or {}, list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise MAEError(f"cannot read {path}: {e}") from None
+        if "mae_torch" in meta or path.with_suffix(".json").exists():
+            return "ours", None
+        return ("hf" if any(hf_key(k) for k in keys) else "timm"), None
+    obj = torch_load(path)
+    if isinstance(obj, dict) and "model" in obj:
+        return "official", obj
+    return ("hf" if isinstance(obj, dict) and any(hf_key(k) for k in obj) else "timm"), obj
+
+
+def detect_format(path: str | Path) -> str:
+    """ "official", "hf", "timm" or "ours", from the file's layout, metadata and tensor names."""
+    return detect(Path(path))[0]
+
+
+def read(path: str | Path, fmt: str = "auto", num_heads: int | None = None, decoder_num_heads=None) -> Weights:
+    path, loaded = Path(path), None
+    if fmt == "auto":
+        fmt, loaded = detect(path)
+    if fmt == "ours":
+        return read_ours(path)  # heads and everything else are in its metadata
+    readers = {"official": read_official, "timm": read_timm, "hf": read_hf}
+    if fmt not in readers:
+        raise MAEError(f"unknown weights format {fmt!r}; choose auto, {', '.join(FORMATS)}")
+    src = loaded if loaded is not None and fmt != "hf" else path  # hf needs the folder's config.json
+    return readers[fmt](src, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def build(w: Weights) -> nn.Module:
+    """Our model holding the weights (strict: every key and shape must fit), in eval mode."""
+    model = build_mae(w.model) if w.arch == "mae" else build_vit(w.model, w.num_classes)
+    try:
+        model.load_state_dict(w.state)
+    except RuntimeError as e:
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise MAEError(f"the weights do not fit mae-torch's {type(model).__name__}: {details}") from None
+    return model.eval()
+
+
+def load_pretrained(path: str | Path, fmt: str = "auto", num_heads: int | None = None, decoder_num_heads=None):
+    """Any supported weights as our model: a MaskedAutoencoder if they have a decoder, else a ViT (+ head)."""
+    return build(read(path, fmt, num_heads, decoder_num_heads))
+
+
+# ---------------------------------------------------------------- writers
+
+
+def description(w: Weights, arch: str | None = None) -> dict:
+    """Our metadata for a file; arch "vit" describes the encoder of an MAE (no classes then)."""
+    arch, model = arch or w.arch, w.model
+    if arch == "vit":  # pooling as the keys hold it (an MAE's global_pool is its fine-tuning setting)
+        model = replace(model, global_pool="avg" if "fc_norm.weight" in w.state else "cls")
+    return {"arch": arch, "model": asdict(model), "classes": w.classes if arch == w.arch else None}
+
+
+def write_ours(w: Weights, dst: str | Path) -> Path:
+    dst = Path(dst) if str(dst).endswith(".safetensors") else Path(dst) / "model.safetensors"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(build(w), description(w), dst)
+    return dst
+
+
+def write_official(w: Weights, dst: str | Path) -> Path:
+    """{"model": state dict} as the official code saves it; plain tensors and a JSON string only."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in w.state.items()}
+    torch.save({"model": state, "mae_torch": json.dumps(description(w))}, dst)
+    return dst
+
+
+def write_timm(w: Weights, dst: str | Path) -> Path:
+    """The encoder or classifier as a timm VisionTransformer state dict (the decoder is left out)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in w.state.items() if not k.startswith(DECODER)}
+    save_file(state, str(dst), metadata={"format": "pt", "mae_torch": json.dumps(description(w, "vit"))})
+    return dst
+
+
+def write_hf(w: Weights, dst: str | Path) -> Path:
+    """A save_pretrained folder: ViTMAEForPreTraining (with decoder) or ViTMAEModel (encoder)."""
+    try:
+        import transformers
+    except ImportError:
+        raise MAEError("writing transformers' format needs transformers: pip install transformers") from None
+    if w.arch == "vit" and (w.num_classes or "norm.weight" not in w.state):
+        raise MAEError("transformers' ViTMAE has no classifier head or avg pooling; export this model with --to timm")
+    m = w.model
+    config = transformers.ViTMAEConfig(
+        **{theirs: getattr(m, ours) for theirs, ours in HF_CONFIG.items()},
+        intermediate_size=int(m.mlp_ratio * m.embed_dim),
+        decoder_intermediate_size=int(m.mlp_ratio * m.decoder_embed_dim),
+        layer_norm_eps=1e-6,  # the official value (transformers' default is 1e-12)
+        qkv_bias=True,
+        hidden_act="gelu",
+    )
+    model = (transformers.ViTMAEForPreTraining if w.arch == "mae" else transformers.ViTMAEModel)(config)
+    state = {}
+    for key in model.state_dict():  # their names, whichever transformers version is installed
+        ours, part = hf_key(key)
+        state[key] = w.state[ours] if part is None else w.state[ours].chunk(3)[part]
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(dst)
+    size = {"height": m.img_size, "width": m.img_size}  # the input normalization travels with the weights
+    transformers.ViTImageProcessor(image_mean=list(m.mean), image_std=list(m.std), size=size).save_pretrained(dst)
+    return Path(dst)
+
+
+WRITERS = {"official": write_official, "hf": write_hf, "timm": write_timm, "ours": write_ours}
+
+
+def convert(src, src_format: str, dst, dst_format: str, num_heads: int | None = None, decoder_num_heads=None) -> Path:
+    """`mae convert`: read SRC in src_format ("auto" recognizes it), check it fits our model, write OUT."""
+    if dst_format not in WRITERS:
+        raise MAEError(f"unknown output format {dst_format!r}; choose one of {', '.join(FORMATS)}")
+    w = read(src, src_format, num_heads, decoder_num_heads)
+    if dst_format != "ours":
+        build(w)  # every key and shape must fit our model, whatever the output (write_ours builds it anyway)
+    return WRITERS[dst_format](w, dst)
+
+
+# ---------------------------------------------------------------- another image or patch size
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, kind: str | None = None) -> torch.Tensor:
+    """(1, 1 + g*g, D) -> (1, 1 + new_grid**2, D); kind "sincos" (regenerated), "learned" (bicubic, the CLS
+    row kept, as timm resizes its ViTs) or None: recognized from the values."""
+    D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
+    kind = kind or ("sincos" if is_sincos(pos_embed) else "learned")
+    if kind == "sincos":
+        return sincos_pos_embed(D, new_grid).unsqueeze(0).to(pos_embed)
+    if kind != "learned":
+        raise ValueError(f"kind must be 'sincos', 'learned' or None, got {kind!r}")
+    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
+
+
+def adapt_state(state: dict, img_size: int, patch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Weights fitted to another image size (and patch size): position tables resized, and for an encoder the
+    patch kernel resampled (FlexiViT's pseudo-inverse resize, timm's `resample_patch_embed`)."""
+    state, w = dict(state), state["patch_embed.proj.weight"]
+    p = patch_size or w.shape[-1]
+    if p != w.shape[-1]:
+        if "decoder_pred.weight" in state:
+            raise MAEError("a new patch size applies to an encoder only: the decoder predicts the old patches")
+        state["patch_embed.proj.weight"] = resample_patch_embed(w, [p, p])
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in state:
+            state[key] = resize_pos_embed(state[key], img_size // p)
+    return state
+
+
+def load_encoder_for(vit: ViT, state: dict) -> None:
+    """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
+    official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
+    load_encoder(vit, adapt_state(state, vit.grid_size * vit.patch_size, vit.patch_size))
