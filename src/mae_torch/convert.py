@@ -8,7 +8,7 @@ Design decisions:
   heads leave no trace in them (qkv is (3D, D) for any head count), so they come from the file's own
   description (our metadata, transformers' config.json), else from the official models' table, else D / 64;
   `num_heads=` overrides.
-- No code runs when reading: pickles load with `weights_only=False`, allowing only `argparse.Namespace`
+- No code runs when reading: pickles load with `weights_only=True`, allowing only `argparse.Namespace`
   (official checkpoints pickle their args). Anything else is an MAEError, never a retry without the guard.
 - transformers renamed ViTMAE's tensors in v5 (`encoder.layer.i.attention.attention.query` ->
   `layers.i.attention.q_proj`, `intermediate.dense` -> `mlp.fc1`, ...), and v5's `save_pretrained` writes
@@ -398,7 +398,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, kind: str | None = 
     D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
     kind = kind or ("sincos" if is_sincos(pos_embed) else "learned")
     if kind == "sincos":
-        return sincos_pos_embed(D, new_grid).unsqueeze(0).to(pos_embed)
+        return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
     if kind != "learned":
         raise ValueError(f"kind must be 'sincos', 'learned' or None, got {kind!r}")
     return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
