@@ -151,7 +151,7 @@ def infer_config(state: dict, known: dict | None = None, num_heads: int | None =
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     fields = dict(img_size=isqrt(L) * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth)
     fields["mlp_ratio"] = fc1.shape[0] / D
-    fields["pos_embed"] = known.get("pos_embed") or ("sincos" if is_sincos(pos) else "learned")  # said, else seen
+    fields["pos_embed"] = ("sincos" if is_sincos(pos) else "learned")  # said, else seen
     fields["num_heads"] = num_heads or known.get("num_heads") or guess_heads(D, HEADS, "--num-heads")
     if "decoder_embed.weight" not in state:  # a classifier's pooling shows in its keys: fc_norm iff avg
         fields["global_pool"] = "avg" if "fc_norm.weight" in state else "cls"
@@ -398,7 +398,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, kind: str | None = 
     D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
     kind = kind or ("sincos" if is_sincos(pos_embed) else "learned")
     if kind == "sincos":
-        return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
+        return sincos_pos_embed(D, new_grid).unsqueeze(0).to(pos_embed)
     if kind != "learned":
         raise ValueError(f"kind must be 'sincos', 'learned' or None, got {kind!r}")
     return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
