@@ -35,7 +35,7 @@ from mae_torch.convert import (
 from mae_torch.errors import MAEError
 from mae_torch.mae import MaskedAutoencoder
 from mae_torch.ops import random_masking, sincos_pos_embed
-from mae_torch.tasks import build_mae, build_vit
+from mae_torch.tasks import build_mae, build_vit, load_encoder
 from mae_torch.vit import ViT
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -85,17 +85,14 @@ def assert_same_weights(a: Weights, b: Weights) -> None:
 # ---------------------------------------------------------------- parity with transformers' ViTMAE
 
 
+HF_TINY = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2)
+HF_TINY.update(num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1)
+HF_TINY.update(decoder_num_attention_heads=2, decoder_intermediate_size=64, layer_norm_eps=1e-6, mask_ratio=0.75)
+
+
 def hf_config(norm_pix_loss: bool = False, **kw):
     transformers = pytest.importorskip("transformers")
-    return transformers.ViTMAEConfig(
-        **{
-            **dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2),
-            **dict(num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1),
-            **dict(decoder_num_attention_heads=2, decoder_intermediate_size=64, layer_norm_eps=1e-6),
-            **dict(mask_ratio=0.75, norm_pix_loss=norm_pix_loss),
-            **kw,
-        }
-    )
+    return transformers.ViTMAEConfig(**{**HF_TINY, "norm_pix_loss": norm_pix_loss, **kw})
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
@@ -249,12 +246,23 @@ def test_hf_export_is_what_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     w = tiny_mae_weights(norm_pix_loss=True)
     write_hf(w, tmp_path / "hf")
+    names = set(load_file(str(tmp_path / "hf" / "model.safetensors")))  # the hub's, which transformers 4 and 5 load
+    assert {"vit.encoder.layer.1.attention.attention.key.bias", "decoder.decoder_layers.0.output.dense.bias"} <= names
     theirs = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
     x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, L)
     with torch.no_grad():
         out, ref = build(w)(x, noise=noise), theirs(pixel_values=x, noise=noise)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.pred, ref.logits, atol=1e-5, rtol=0)
+
+
+def test_hf_reader_rejects_other_models():
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.ViTMAEModel(hf_config())
+    with pytest.raises(MAEError, match="classifier.weight"):
+        read_hf({**theirs.state_dict(), "classifier.weight": torch.zeros(2, 32)}, theirs.config.to_dict())
+    with pytest.raises(MAEError, match="GELU"):
+        read_hf(theirs.state_dict(), {**theirs.config.to_dict(), "hidden_act": "relu"})
 
 
 def test_hf_refuses_a_classifier(tmp_path):
@@ -304,6 +312,10 @@ def test_official_checkpoint_with_pickled_args(tmp_path):
     x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, L)
     with torch.no_grad():
         torch.testing.assert_close(build(got)(x, noise=noise).loss, build(w)(x, noise=noise).loss, atol=0, rtol=0)
+    gray = tiny_vit_weights(in_chans=1, num_classes=0, global_pool="cls")  # no description: mean and std guessed
+    torch.save({"model": gray.state, "args": args}, tmp_path / "gray.pth")
+    got = read_official(tmp_path / "gray.pth", num_heads=2)
+    assert (got.arch, got.model.in_chans, len(got.model.mean), len(got.model.std)) == ("vit", 1, 1, 1)
 
 
 class Payload:
@@ -368,15 +380,14 @@ def test_vit_for_32px_loads_16px_weights(kind):
     with torch.no_grad():
         assert dst(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(MAEError, match="size mismatch"):  # without adapting, the table does not fit
-        from mae_torch.tasks import load_encoder
-
         load_encoder(ViT(**{**TINY, "img_size": 32}), src.state_dict())
 
 
 def test_new_patch_size_for_an_encoder_only():
-    src = randomize(ViT(**TINY))
-    dst = ViT(**{**TINY, "img_size": 32, "patch_size": 8})  # ImageNet-style patches on another image size
-    load_encoder_for(dst, src.state_dict())
+    src = tiny_mae_weights().state  # the encoder of an MAE, its decoder left behind
+    dst = ViT(**{**TINY, "img_size": 32, "patch_size": 8})  # another patch and image size
+    load_encoder_for(dst, src)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src["blocks.0.attn.qkv.weight"])
     assert dst.patch_embed.proj.weight.shape == (32, 3, 8, 8) and dst.pos_embed.shape == (1, 17, 32)
     with torch.no_grad():
         assert torch.isfinite(dst.forward_features(torch.randn(1, 3, 32, 32))).all()

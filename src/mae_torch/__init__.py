@@ -6,6 +6,7 @@ out = mae(images)            # out.loss, out.pred (B, L, p*p*C), out.mask (B, L;
 """
 
 from .config import Config, ModelConfig, RunConfig, TrainConfig, resolve
+from .convert import load_pretrained
 from .errors import MAEError
 from .mae import MAEOutput, MaskedAutoencoder
 from .ops import patchify, random_masking, sincos_pos_embed, unpatchify
@@ -13,6 +14,7 @@ from .vit import ViT
 
 __version__ = "0.1.0"
 __all__ = [
+    "load_pretrained",
     "Config",
     "ModelConfig",
     "RunConfig",

@@ -24,8 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .augment import augment
 from .config import resolve
 from .data import TensorImages
-from .engine import Normalizer, autocast, param_groups, resolve_attention, resolve_device, resolve_precision
+from .engine import param_groups
 from .memdata import DeviceBatches
+from .runtime import Normalizer, autocast, resolve_attention, resolve_device, resolve_precision
 from .tasks import build_mae, build_vit
 from .vit import set_attention
 

@@ -1,4 +1,4 @@
-"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, embed, bench.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, convert, embed, bench.
 
 Design decisions:
 - Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
@@ -137,6 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="the PNG to write")
 
     p = sub.add_parser(
+        "convert",
+        help="convert weights between official MAE checkpoints, transformers, timm and mae-torch files",
+        description="Convert weights: official MAE .pth, transformers' ViTMAE folder, timm .safetensors, mae-torch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="a .pth, a .safetensors, a save_pretrained folder or a run directory")
+    p.add_argument("out", metavar="OUT", help="the file (.pth, .safetensors) or, for hf, the folder to write")
+    p.add_argument(
+        "--from",
+        dest="src_format",
+        choices=["auto", "official", "hf", "timm", "ours"],
+        default="auto",
+        help="format of SRC; auto recognizes it from its layout, metadata and tensor names",
+    )
+    p.add_argument(
+        "--to", dest="dst_format", choices=["official", "hf", "timm", "ours"], required=True, help="format of OUT"
+    )
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="encoder attention heads where SRC does not say (default: official sizes, else width/64)",
+    )
+    p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder attention heads, likewise")
+
+    p = sub.add_parser(
         "embed",
         help="encoder features of a dataset (no masking) to a .npy file, with its labels beside",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -206,6 +232,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reconstruct":
         out = tasks.reconstruct(args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.device)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "convert":
+        from .convert import convert
+
+        out = convert(args.src, args.src_format, args.out, args.dst_format, args.num_heads, args.decoder_num_heads)
         print(f"wrote {out}")
         return 0
     if args.command == "embed":

@@ -138,6 +138,8 @@ class RunConfig:
     num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
     in_memory: bool = doc("hold small datasets as one uint8 tensor on the device (decoded once, cached)", True)
     attention: str = doc("sdpa, math, or auto: SDPA on GPUs, matmul + softmax on CPUs (measured faster)", "auto")
+    save_every: int = doc("also checkpoint every N optimizer steps, for resuming after a crash (0 = per epoch)", 0)
+    skip_nonfinite: int = doc("steps with a non-finite loss to skip (their update is dropped) before stopping", 0)
     compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)
     recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
     pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
@@ -160,6 +162,8 @@ class Config:
             "pretraining measures no accuracy: use --monitor val_loss",
         )
         check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
+        check(self.run.save_every >= 0, f"save_every must be >= 0, got {self.run.save_every}")
+        check(self.run.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {self.run.skip_nonfinite}")
         check(
             self.run.attention in ("auto", "sdpa", "math"),
             f"attention must be auto, sdpa or math, not {self.run.attention}",

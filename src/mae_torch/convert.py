@@ -1,21 +1,20 @@
 """Weights in and out: official MAE checkpoints, transformers' ViTMAE, timm ViTs and mae-torch files.
 
 Design decisions:
-- Every format is read into one value, `Weights`: a state dict in *our* names (those of the official
-  checkpoints and of timm, so these two need no renaming), a `ModelConfig`, the arch ("mae" when a decoder is
-  present, else "vit") and the class count. Every writer starts from it: a conversion is a read and a write.
+- Every format is read into one value, `Weights`: a state dict in *our* names (the official checkpoints' and
+  timm's, so these two need no renaming), a `ModelConfig`, the arch ("mae" when a decoder is present, else
+  "vit") and the class count. Every writer starts from it: a conversion is a read and a write.
 - Shapes are the truth: widths, depths, patch, grid, channels and MLP ratio come from the tensors. Attention
-  heads leave no trace in them (qkv is (3D, D) for any head count), so they come from the file's own
-  description (our metadata, transformers' config.json), else from the official models' table, else D / 64;
-  `num_heads=` overrides.
+  heads leave no trace in them (qkv is (3D, D) for any head count): they come from the file's own description
+  (our metadata, transformers' config.json), else the official models' table, else D / 64; `num_heads=` wins.
 - No code runs when reading: pickles load with `weights_only=True`, allowing only `argparse.Namespace`
   (official checkpoints pickle their args). Anything else is an MAEError, never a retry without the guard.
 - transformers renamed ViTMAE's tensors in v5 (`encoder.layer.i.attention.attention.query` ->
-  `layers.i.attention.q_proj`, `intermediate.dense` -> `mlp.fc1`, ...), and v5's `save_pretrained` writes
-  the old names, the decoder's as `decoder_encoder.layer.i`. The reader accepts all of them; the writer
-  fills whatever names the installed transformers' model has, then lets transformers save it.
-- Files we write carry our model description (a `mae_torch` entry or metadata, ignored by the official
-  code and by timm; a preprocessor_config.json for transformers), so every round trip is exact.
+  `layers.i.attention.q_proj`, ...) and v5 saves the old names, the decoder's blocks as
+  `decoder_encoder.layer.i`. The reader takes all of them; the writer fills the installed version's model,
+  lets it save, and writes the hub's names, which transformers 4 and 5 both load.
+- Files we write carry our model description (a `mae_torch` entry or metadata, which the official code and
+  timm ignore; preprocessor_config.json for transformers), so every round trip is exact.
 - Position tables: a sin-cos table is recognized by value and regenerated for a new grid (exact); a learned
   one is resized bicubically by timm's `resample_abs_pos_embed`, the CLS row kept.
 """
@@ -38,9 +37,9 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
-from .engine import save_weights
 from .errors import MAEError
 from .ops import sincos_pos_embed
+from .runtime import save_weights
 from .tasks import build_mae, build_vit, load_encoder, load_weights, model_config_from
 from .vit import ViT
 
@@ -78,7 +77,7 @@ class Weights(NamedTuple):
     classes: list[str] | None = None
 
 
-# ---------------------------------------------------------------- reading files safely
+# ---------------------------------------------------------------- files, read without running code
 
 
 def torch_load(path: Path) -> Any:
@@ -87,10 +86,9 @@ def torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = m[1] if (m := re.search(r"GLOBAL (\S+)", str(e))) else "code"
         raise MAEError(
-            f"{path} needs {found.group(1) if found else 'code'} to load, and mae-torch never runs code from "
-            "a weights file; re-save its state dict as plain tensors (or safetensors) where you trust it"
+            f"{path} needs {what} to load and mae-torch never runs code from a file: re-save its tensors"
         ) from None
     except (RuntimeError, OSError, EOFError) as e:  # missing, truncated, not a torch file
         raise MAEError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
@@ -111,7 +109,7 @@ def hf_key(key: str) -> tuple[str, int | None] | None:
     name, dot, leaf = key.rpartition(".")
     if leaf not in ("weight", "bias"):
         name, dot, leaf = key, "", ""
-    name = name.removeprefix("vit.")  # ViTForPreTraining nests the encoder; ViTMAEModel does not
+    name = name.removeprefix("vit.")  # ViTMAEForPreTraining nests the encoder; ViTMAEModel does not
     if m := HF_BLOCK.match(name):
         part = QKV.get(m[3].rsplit(".", 1)[-1]) if m[3].startswith("attention.") else None
         inner = "attn.qkv" if part is not None else HF_IN_BLOCK.get(m[3])
@@ -129,13 +127,15 @@ def is_sincos(pos_embed: torch.Tensor) -> bool:
     return D % 4 == 0 and torch.allclose(pos_embed[0].float(), sincos_pos_embed(D, grid), atol=1e-3)
 
 
-def guess_heads(width: int, table: dict[int, int], flag: str) -> int:
+def head_count(given: int | None, known: int | None, width: int, table: dict[int, int], flag: str) -> int:
+    if given or known:
+        return given or known
     if width in table or width % 64 == 0:
         return table.get(width, width // 64)  # the official sizes, else timm's usual 64-wide heads
     raise MAEError(f"cannot tell the attention heads of a {width}-wide model from its tensors; pass {flag}")
 
 
-def infer_config(state: dict, known: dict | None = None, num_heads: int | None = None, decoder_num_heads=None):
+def infer_config(state: dict, known: dict | None = None, num_heads=None, decoder_num_heads=None) -> ModelConfig:
     """Our ModelConfig from the tensors' shapes; `known` (the file's own description) fills what they hide."""
     known = dict(known or {})
     try:
@@ -144,25 +144,20 @@ def infer_config(state: dict, known: dict | None = None, num_heads: int | None =
         raise MAEError(f"not ViT weights: no tensor {e}; check --from") from None
     D, C, p, L = w.shape[0], w.shape[1], w.shape[-1], pos.shape[1] - 1  # L: patches (minus the CLS position)
     if isqrt(L) ** 2 != L or w.shape[-2] != p:
-        raise MAEError(
-            f"a position table of {L + 1} rows fits no square grid after a CLS position "
-            "(timm's no_embed_class and non-square models are not supported)"
-        )
+        raise MAEError(f"{L + 1} positions fit no square grid plus CLS (no_embed_class, non-square: unsupported)")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    fields = dict(img_size=isqrt(L) * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth)
-    fields["mlp_ratio"] = fc1.shape[0] / D
-    fields["pos_embed"] = ("sincos" if is_sincos(pos) else "learned")  # said, else seen
-    fields["num_heads"] = num_heads or known.get("num_heads") or guess_heads(D, HEADS, "--num-heads")
-    if "decoder_embed.weight" not in state:  # a classifier's pooling shows in its keys: fc_norm iff avg
-        fields["global_pool"] = "avg" if "fc_norm.weight" in state else "cls"
+    fields = dict(img_size=isqrt(L) * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth, mlp_ratio=fc1.shape[0] / D)
+    fields["pos_embed"] = known.get("pos_embed") or ("sincos" if is_sincos(pos) else "learned")  # said, else seen
+    fields["num_heads"] = head_count(num_heads, known.get("num_heads"), D, HEADS, "--num-heads")
     if "decoder_embed.weight" in state:
         E = state["decoder_embed.weight"].shape[0]
         if state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != fc1.shape[0] // D * E:
             raise MAEError("encoder and decoder MLP ratios differ; mae-torch's MAE uses one mlp_ratio for both")
         fields.update(decoder_embed_dim=E, decoder_depth=len({k.split(".")[1] for k in state if "r_blocks." in k}))
-        fields["decoder_num_heads"] = (
-            decoder_num_heads or known.get("decoder_num_heads") or guess_heads(E, DECODER_HEADS, "--decoder-num-heads")
-        )
+        given = (decoder_num_heads, known.get("decoder_num_heads"))
+        fields["decoder_num_heads"] = head_count(*given, E, DECODER_HEADS, "--decoder-num-heads")
+    else:  # a classifier's pooling shows in its keys: fc_norm iff avg (an MAE's is its fine-tuning setting)
+        fields["global_pool"] = "avg" if "fc_norm.weight" in state else "cls"
     if len(known.get("mean", IMAGENET_MEAN)) != C:  # no mean/std for these channels: ImageNet's, averaged
         known["mean"], known["std"] = [sum(IMAGENET_MEAN) / 3] * C, [sum(IMAGENET_STD) / 3] * C
     cfg = from_dict(ModelConfig, {**known, **fields})
@@ -170,15 +165,12 @@ def infer_config(state: dict, known: dict | None = None, num_heads: int | None =
     return cfg
 
 
-def weights_from(state: dict, known: dict | None, classes=None, **heads) -> Weights:
+def weights_from(state: dict, meta: dict | None, known: dict | None = None, **heads) -> Weights:
+    """Weights of a state dict in our names; `meta`: our description, if the file carries one."""
+    known = {**(meta or {}).get("model", {}), **(known or {})}
     arch = "mae" if "decoder_pred.weight" in state else "vit"
     n = state["head.weight"].shape[0] if "head.weight" in state else 0
-    return Weights(state, infer_config(state, known, **heads), arch, n, classes)
-
-
-def described(meta: dict | None) -> tuple[dict, list | None]:
-    """(known ModelConfig fields, classes) from a mae-torch description, if the file carries one."""
-    return (dict(meta["model"]), meta.get("classes")) if meta else ({}, None)
+    return Weights(state, infer_config(state, known, **heads), arch, n, (meta or {}).get("classes"))
 
 
 # ---------------------------------------------------------------- readers
@@ -195,40 +187,38 @@ def read_official(src: str | Path | dict, num_heads: int | None = None, decoder_
     ckpt = src if isinstance(src, dict) else torch_load(Path(src))
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise MAEError(f"{src} is not an official MAE checkpoint: expected a dict with a 'model' state dict")
-    known, classes = described(json.loads(ckpt["mae_torch"]) if "mae_torch" in ckpt else None)
     args = ckpt.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    known.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args and k not in known})
+    meta = json.loads(ckpt["mae_torch"]) if "mae_torch" in ckpt else None
+    known = {k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args and not meta}
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # DDP-wrapped saves
-    return weights_from(state, known, classes, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    return weights_from(state, meta, known, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
 
 def read_timm(src: str | Path | dict, num_heads: int | None = None, decoder_num_heads=None) -> Weights:
     """A timm VisionTransformer state dict (our names already): .safetensors, or .pth/.bin without code."""
-    meta = None
+    path, meta = src, None
     if not isinstance(src, dict):
         path = Path(src)
         src, meta = read_safetensors(path) if path.suffix == ".safetensors" else (torch_load(path), None)
-    state = src.get("state_dict", src)  # timm's train.py checkpoints nest it
-    known, classes = described(meta)
-    return weights_from(dict(state), known, classes, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    state = src.get("state_dict", src) if isinstance(src, dict) else None  # timm's train.py checkpoints nest it
+    if not isinstance(state, dict):
+        raise MAEError(f"{path} holds no state dict (a dict of tensors)")
+    return weights_from(dict(state), meta, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
 
 def read_hf(src: str | Path | dict, config: dict | None = None, num_heads=None, decoder_num_heads=None) -> Weights:
     """transformers' ViTMAEForPreTraining / ViTMAEModel: a state dict (+ its config), or a saved folder."""
-    if not isinstance(src, dict):
-        src, config, pre = hf_files(Path(src))
-    else:
-        pre = {}
+    src, config, pre = (src, config, {}) if isinstance(src, dict) else hf_files(Path(src))
     state, qkv, unknown = {}, {}, []
     for key, value in src.items():
-        hit = hf_key(key)
-        if hit is None:
+        ours, part = hf_key(key) or (None, None)
+        if ours is None:
             unknown.append(key)
-        elif hit[1] is None:
-            state[hit[0]] = value
+        elif part is None:
+            state[ours] = value
         else:
-            qkv.setdefault(hit[0], [None] * 3)[hit[1]] = value
+            qkv.setdefault(ours, [None] * 3)[part] = value
     if unknown or any(t is None for parts in qkv.values() for t in parts):
         raise MAEError(f"not transformers' ViTMAE weights: unknown {unknown[:4]} or an incomplete query/key/value")
     state.update({k: torch.cat(parts) for k, parts in qkv.items()})  # rows q, k, v: timm's qkv layout
@@ -241,7 +231,7 @@ def read_hf(src: str | Path | dict, config: dict | None = None, num_heads=None, 
     known.update(
         {ours: pre[theirs] for theirs, ours in (("image_mean", "mean"), ("image_std", "std")) if theirs in pre}
     )
-    return weights_from(state, known, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    return weights_from(state, None, known, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
 
 def hf_files(path: Path) -> tuple[dict, dict | None, dict]:
@@ -252,8 +242,7 @@ def hf_files(path: Path) -> tuple[dict, dict | None, dict]:
     file = path if path.is_file() else folder / "model.safetensors"
     if not file.exists() and (folder / "pytorch_model.bin").exists():  # older saves; read without code
         file = folder / "pytorch_model.bin"
-    state = read_safetensors(file)[0] if file.suffix == ".safetensors" else torch_load(file)
-    return state, config, pre or {}
+    return read_safetensors(file)[0] if file.suffix == ".safetensors" else torch_load(file), config, pre or {}
 
 
 def detect(path: Path) -> tuple[str, Any]:
@@ -322,29 +311,29 @@ def description(w: Weights, arch: str | None = None) -> dict:
     return {"arch": arch, "model": asdict(model), "classes": w.classes if arch == w.arch else None}
 
 
+def output(dst: str | Path) -> Path:
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    return Path(dst)
+
+
 def write_ours(w: Weights, dst: str | Path) -> Path:
-    dst = Path(dst) if str(dst).endswith(".safetensors") else Path(dst) / "model.safetensors"
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = output(dst if str(dst).endswith(".safetensors") else Path(dst) / "model.safetensors")
     save_weights(build(w), description(w), dst)
     return dst
 
 
 def write_official(w: Weights, dst: str | Path) -> Path:
     """{"model": state dict} as the official code saves it; plain tensors and a JSON string only."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in w.state.items()}
-    torch.save({"model": state, "mae_torch": json.dumps(description(w))}, dst)
-    return dst
+    torch.save({"model": state, "mae_torch": json.dumps(description(w))}, output(dst))
+    return Path(dst)
 
 
 def write_timm(w: Weights, dst: str | Path) -> Path:
     """The encoder or classifier as a timm VisionTransformer state dict (the decoder is left out)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in w.state.items() if not k.startswith(DECODER)}
-    save_file(state, str(dst), metadata={"format": "pt", "mae_torch": json.dumps(description(w, "vit"))})
-    return dst
+    save_file(state, str(output(dst)), metadata={"format": "pt", "mae_torch": json.dumps(description(w, "vit"))})
+    return Path(dst)
 
 
 def write_hf(w: Weights, dst: str | Path) -> Path:
@@ -355,7 +344,7 @@ def write_hf(w: Weights, dst: str | Path) -> Path:
         raise MAEError("writing transformers' format needs transformers: pip install transformers") from None
     if w.arch == "vit" and (w.num_classes or "norm.weight" not in w.state):
         raise MAEError("transformers' ViTMAE has no classifier head or avg pooling; export this model with --to timm")
-    m = w.model
+    m, dst = w.model, Path(dst)
     config = transformers.ViTMAEConfig(
         **{theirs: getattr(m, ours) for theirs, ours in HF_CONFIG.items()},
         intermediate_size=int(m.mlp_ratio * m.embed_dim),
@@ -371,9 +360,15 @@ def write_hf(w: Weights, dst: str | Path) -> Path:
         state[key] = w.state[ours] if part is None else w.state[ours].chunk(3)[part]
     model.load_state_dict(state, strict=True)
     model.save_pretrained(dst)
+    # transformers 5 saves the decoder's blocks as `decoder.decoder_encoder.layer.i` (its v4-name mapping applied
+    # to `decoder_layers`), which transformers 4 cannot load; the hub's names load in both.
+    saved = load_file(str(dst / "model.safetensors"))
+    if any(".decoder_encoder.layer." in k for k in saved):
+        saved = {k.replace(".decoder_encoder.layer.", ".decoder_layers."): v for k, v in saved.items()}
+        save_file(saved, str(dst / "model.safetensors"), metadata={"format": "pt"})
     size = {"height": m.img_size, "width": m.img_size}  # the input normalization travels with the weights
     transformers.ViTImageProcessor(image_mean=list(m.mean), image_std=list(m.std), size=size).save_pretrained(dst)
-    return Path(dst)
+    return dst
 
 
 WRITERS = {"official": write_official, "hf": write_hf, "timm": write_timm, "ours": write_ours}
@@ -422,4 +417,5 @@ def adapt_state(state: dict, img_size: int, patch_size: int | None = None) -> di
 def load_encoder_for(vit: ViT, state: dict) -> None:
     """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
     official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
-    load_encoder(vit, adapt_state(state, vit.grid_size * vit.patch_size, vit.patch_size))
+    encoder = {k: v for k, v in state.items() if not k.startswith(DECODER)}  # an MAE's decoder stays behind
+    load_encoder(vit, adapt_state(encoder, vit.grid_size * vit.patch_size, vit.patch_size))

@@ -10,15 +10,19 @@ Design decisions:
 - Validation runs with a fixed RNG seed (so MAE's validation masks, hence its loss, compare across epochs)
   without disturbing the training RNG stream.
 - The data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the same batches.
-- Every epoch writes `model.safetensors` + `model.json`, the best weights by the monitored metric, and last
-  `checkpoint.pt` (everything a resume needs), each atomically: a crash leaves the last good files.
+  Under torchrun each process takes its slice of every global batch (DDP averages the gradients, with
+  `no_sync` while accumulating); process r seeds its RNG with seed + r; only rank 0 logs and writes.
+- Every epoch (and every `save_every` steps) writes `checkpoint.pt`: everything a resume needs, down to the
+  position inside the epoch and every process's RNG state, so a killed run resumes to the same weights.
+  Files are written atomically: a crash, or a full disk, leaves the last good ones.
+- A non-finite loss is counted on the device; the gradient scaler skips the update of such a step (no
+  sync), and the run stops, naming the step, once more than `skip_nonfinite` were seen. Checks happen at the
+  progress-bar syncs and before every checkpoint, so no checkpoint ever holds a bad step beyond that budget.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,16 +31,27 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
 from .augment import augment
 from .config import Config
+from .dist import Dist, setup
 from .errors import MAEError
 from .log import RunLogger, fmt_time
 from .memdata import DeviceBatches, in_memory
+from .runtime import (
+    Normalizer,
+    atomic_write,
+    autocast,
+    make_loader,
+    resolve_attention,
+    resolve_device,
+    resolve_precision,
+    save_weights,
+)
 from .vit import set_attention
 
 SYNC_EVERY = 25  # optimizer steps between progress-bar refreshes (each one reads the loss: a host sync)
@@ -100,107 +115,35 @@ class EarlyStopper:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp_path)`, flush to disk, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.chmod(tmp, 0o644)  # shared weights are readable by others, whatever mode the writer chose
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_weights(model: nn.Module, meta: dict, path: Path) -> None:
-    """Weights for sharing: safetensors, with the model description in its metadata and in a JSON beside it."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"mae_torch": json.dumps(meta)}))
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-
-
-# ---------------------------------------------------------------- device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MAEError(f"device {name} asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def resolve_attention(name: str, device: torch.device) -> str:
-    return name if name != "auto" else ("sdpa" if device.type == "cuda" else "math")
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
-class Normalizer:
-    """uint8 images -> normalized floats on the device (cheaper than converting on the host)."""
-
-    def __init__(self, mean, std, device: torch.device):
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(self.mean.device, non_blocking=True).float() - self.mean) / self.std
-
-
-def make_loader(ds: Dataset, batch: int, workers: int, device: torch.device, order=None) -> DataLoader:
-    """Batches of `ds` in the given order (else in order, keeping the last partial batch)."""
-    return DataLoader(
-        ds,
-        batch_size=batch,
-        sampler=order,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=order is not None,
-        generator=torch.Generator(),  # its own: drawing worker seeds must not shift the training RNG stream
-    )
-
-
 @torch.no_grad()
-def evaluate(task: Task, loader: DataLoader, norm: Normalizer, precision: str, seed: int = 0) -> dict:
-    """Mean of the task's validation sums over a loader, under a fixed seed (same masks every epoch)."""
-    model, device = task.model, norm.mean.device
+def evaluate(task: Task, batches, norm: Normalizer, precision: str, seed: int = 0, group: Dist | None = None) -> dict:
+    """Mean of the task's validation sums over (this process's share of) the batches, under a fixed seed."""
+    model, device, group = task.model, norm.mean.device, group or Dist()
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
-    n = 0
+    n = torch.zeros((), device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for images, labels in loader:
+        for images, labels in batches:
             with autocast(device, precision):
                 sums = task.eval_sums(model, norm(images), labels.to(device, non_blocking=True))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0) + v.float()
             n += len(images)
     model.train(was_training)
+    n = int(group.sum_(n).item())
     if n == 0:
         raise MAEError("the evaluation split has no images; add images to it")
-    return {k: v.item() / n for k, v in totals.items()} | {"n": n}
+    return {k: group.sum_(v).item() / n for k, v in sorted(totals.items())} | {"n": n}
+
+
+def scaler_for(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling; for bf16 and fp32 a scale fixed at 1 still finds non-finite gradients and,
+    with a fused optimizer, skips that step's update on the device."""
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)  # powers of 2: exact
 
 
 # ---------------------------------------------------------------- the loop
@@ -209,13 +152,18 @@ def evaluate(task: Task, loader: DataLoader, norm: Normalizer, precision: str, s
 def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Train `task.model` on train_ds, validating on val_ds each epoch; returns the last epoch's metrics."""
     tc, rc = cfg.train, cfg.run
-    device = resolve_device(rc.device)
+    group, device_name = setup(rc.device)
+    device = resolve_device(device_name)
     precision = resolve_precision(rc.precision, device)
-    model = task.model.to(device)
-    attention = resolve_attention(rc.attention, device)
-    set_attention(model, attention)
     if len(val_ds) == 0:
         raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
+    if tc.batch_size % (group.world * tc.micro_batch):
+        raise MAEError(
+            f"batch_size {tc.batch_size} must be a multiple of {group.world} processes x device_batch_size "
+            f"{tc.micro_batch}; change --batch-size or --device-batch-size"
+        )
+    per_rank = tc.batch_size // group.world
+    accum = per_rank // tc.micro_batch
     steps_per_epoch = len(train_ds) // tc.batch_size
     if steps_per_epoch == 0:
         raise MAEError(
@@ -223,16 +171,27 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
             "lower --batch-size or add images"
         )
     total_steps, warmup_steps = tc.epochs * steps_per_epoch, round(tc.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay), lr=tc.peak_lr, betas=tc.betas, fused=device.type == "cuda"
+    model = task.model.to(device)
+    attention = resolve_attention(rc.attention, device)
+    set_attention(model, attention)
+    ddp = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if group.world > 1
+        else model
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    forward = torch.compile(ddp) if rc.compile else ddp
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=tc.peak_lr, betas=tc.betas, fused=device.type in ("cpu", "cuda")
+    )
+    scaler = scaler_for(device, precision)
     stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)
-    logger = RunLogger(run_dir)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
-    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    start_epoch, step = 0, 0
+    logger = RunLogger(run_dir, active=group.main)
+    if group.main:
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+
+    start_epoch, step, done, carried = 0, 0, 0, 0.0  # done: optimizer steps of start_epoch already made
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -240,118 +199,158 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         stopper.load_state_dict(ckpt["stopper"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        mine = group.rank if len(ckpt["rng"]["torch"]) == group.world else 0
+        torch.set_rng_state(ckpt["rng"]["torch"][mine])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][mine], device)
+        start_epoch, step, done = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        carried = ckpt["loss_sum"][mine] if done < steps_per_epoch else 0.0
+        if done >= steps_per_epoch:
+            start_epoch, done = start_epoch + 1, 0
+        logger.truncate_metrics(start_epoch)  # epochs logged after the checkpoint will be logged again
         if stopper.should_stop:  # it stopped early; a larger --patience lets it go on
             logger.print(f"{run_dir} stopped early at epoch {start_epoch}; raise --patience to continue it")
             start_epoch = tc.epochs
-        logger.print(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
+        logger.print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {step}")
     else:
-        torch.manual_seed(rc.seed)
+        torch.manual_seed(rc.seed + group.rank)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.print(
-        f"{cfg.command}: {len(train_ds)} train / {len(val_ds)} val images | {n_params / 1e6:.2f}M parameters | "
-        f"device {device}, precision {precision}, attention {attention}\n"
-        f"  batch {tc.batch_size} = {tc.micro_batch} x {tc.accum_steps} accumulation | "
-        f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {steps_per_epoch} steps/epoch, "
-        f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"
-        + (f", patience {tc.patience}" if tc.patience else "")
-    )
     train_mem = in_memory(train_ds, device, rc.num_workers) if rc.in_memory else None
     val_mem = in_memory(val_ds, device, rc.num_workers) if train_mem is not None else None
     train_dev = DeviceBatches(train_mem, device) if train_mem is not None else None
     val_dev = DeviceBatches(val_mem, device) if val_mem is not None else None
-    logger.print(f"  data: {'uint8 tensors on ' + str(device) if train_dev else 'DataLoader'}")
-    step_fn = torch.compile(model) if rc.compile else model
-    val_loader = make_loader(val_ds, tc.micro_batch, rc.num_workers, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.print(
+        f"{cfg.command}: {len(train_ds)} train / {len(val_ds)} val images | {n_params / 1e6:.2f}M parameters | "
+        f"device {device}{f' x {group.world} processes' if group.world > 1 else ''}, precision {precision}, "
+        f"attention {attention}, data {'as uint8 tensors on the device' if train_dev else 'by DataLoader'}\n"
+        f"  batch {tc.batch_size} = {group.world} x {tc.micro_batch} x {accum} accumulation | "
+        f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {steps_per_epoch} steps/epoch, "
+        f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"
+        + (f", patience {tc.patience}" if tc.patience else "")
+    )
+    val_share = torch.arange(group.rank, len(val_ds), group.world)  # each process validates its share
+    n_bad = torch.zeros((), device=device, dtype=torch.long)  # non-finite losses seen by this process
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def check_finite() -> None:
+        if group.sum_(n_bad.clone()).item() > rc.skip_nonfinite:
+            at = int(group.sum_(torch.where(first_bad < 0, 0, first_bad + 1)).item()) - 1  # rank 0's or any
+            raise MAEError(
+                f"non-finite loss at step {max(at, 0)} (more than --skip-nonfinite {rc.skip_nonfinite}); the last "
+                f"good checkpoint is kept: lower --blr or check the data, then --resume {run_dir}"
+            )
+
+    def save(epoch: int, done: int, loss_sum: torch.Tensor) -> None:
+        check_finite()
+        rng = {
+            "torch": group.gather(torch.get_rng_state()),
+            "cuda": group.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else [],
+        }
+        losses = group.gather(loss_sum.item())
+        if group.main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "stopper": stopper.state_dict(),
+                "epoch": epoch,
+                "epoch_step": done,
+                "step": step,
+                "loss_sum": losses,
+                "rng": rng,
+                "config": cfg.to_dict(),
+            }
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        group.barrier()
+
     metrics: dict = {}
     step_time = None  # moving average of seconds per optimizer step, for the run ETA
+    micro_steps = steps_per_epoch * accum
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
         order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size]
+        order = order.view(steps_per_epoch, group.world, per_rank)[:, group.rank].flatten()  # this process's
+        order = order[done * per_rank :]  # skip what a resumed run already did
         if train_dev:
             loader = train_dev.batches(order, tc.micro_batch)
         else:
-            loader = make_loader(train_ds, tc.micro_batch, rc.num_workers, device, order.tolist())
-        micro_steps = steps_per_epoch * tc.accum_steps
-        loss_sum = torch.zeros((), device=device)
+            loader = make_loader(train_ds, tc.micro_batch, rc.num_workers, device, order.tolist(), drop_last=True)
+        loss_sum = torch.tensor(carried, device=device)  # sum of micro-batch losses this epoch
+        carried = 0.0
         bar = tqdm(
             loader,
-            total=micro_steps,
+            total=(steps_per_epoch - done) * accum,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             leave=False,
             dynamic_ncols=True,
             disable=not logger.interactive,
         )
         t_epoch = t_step = time.perf_counter()
+        epoch_start_step = step
         for i, (images, labels) in enumerate(bar):
-            with autocast(device, precision):
-                x = augment(norm(images), tc.crop_scale, tc.hflip)
-                loss = task.train_loss(step_fn, x, labels.to(device, non_blocking=True))
-            scaler.scale(loss / tc.accum_steps).backward()
-            loss_sum += loss.detach()
-            if (i + 1) % tc.accum_steps:
+            last = (i + 1) % accum == 0
+            with ddp.no_sync() if group.world > 1 and not last else nullcontext():
+                with autocast(device, precision):
+                    x = augment(norm(images), tc.crop_scale, tc.hflip)
+                    loss = task.train_loss(forward, x, labels.to(device, non_blocking=True)).float()
+                scaler.scale(loss / accum).backward()
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            n_bad += (~finite).long()
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            if not last:
                 continue
             lr = lr_at(step, total_steps, warmup_steps, tc.peak_lr, tc.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            scaler.step(optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            step, done = step + 1, done + 1
             now = time.perf_counter()
             dt, t_step = now - t_step, now
             step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-            if step % SYNC_EVERY == 0 and logger.interactive:
-                remaining = total_steps - step
-                bar.set_postfix(
-                    loss=f"{loss.item():.4f}",
-                    lr=f"{lr:.2e}",
-                    img_s=f"{tc.batch_size / step_time:.0f}",
-                    run_eta=fmt_time(remaining * step_time),
-                )
+            if step % SYNC_EVERY == 0:
+                check_finite()
+                if logger.interactive:
+                    bar.set_postfix(
+                        loss=f"{loss.item():.4f}",
+                        lr=f"{lr:.2e}",
+                        img_s=f"{tc.batch_size / step_time:.0f}",
+                        run_eta=fmt_time((total_steps - step) * step_time),
+                    )
+            if rc.save_every and step % rc.save_every == 0 and done < steps_per_epoch:
+                save(epoch, done, loss_sum)
         epoch_time = time.perf_counter() - t_epoch
         bar.close()
-        batches = val_dev.batches(torch.arange(len(val_dev)), tc.micro_batch, False) if val_dev else val_loader
-        val = evaluate(task, batches, norm, precision, rc.seed)
+        check_finite()
+        if val_dev:
+            batches = val_dev.batches(val_share, tc.micro_batch, drop_last=False)
+        else:
+            batches = make_loader(val_ds, tc.micro_batch, rc.num_workers, device, val_share.tolist())
+        val = evaluate(task, batches, norm, precision, rc.seed, group)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": loss_sum.item() / micro_steps,
+            "train_loss": group.sum_(loss_sum.clone()).item() / (micro_steps * group.world),
             **{f"val_{k}": v for k, v in val.items() if k != "n"},
-            "lr": lr,
-            "img_per_s": steps_per_epoch * tc.batch_size / epoch_time,
+            "lr": lr_at(step - 1, total_steps, warmup_steps, tc.peak_lr, tc.min_lr),
+            "img_per_s": (step - epoch_start_step) * tc.batch_size / epoch_time,
             "epoch_time_s": epoch_time,
         }
-        if tc.monitor not in metrics:
-            raise MAEError(f"monitor {tc.monitor} is not measured by {cfg.command}; use val_loss")
         improved = stopper.update(metrics[tc.monitor])
         metrics["best"] = improved
-        remaining = (tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0)
-        logger.epoch(metrics, eta_s=remaining)
-        if task.on_epoch_end:
-            task.on_epoch_end(epoch, logger)
-        if improved:
-            save_weights(model, task.meta, run_dir / "best.safetensors")
-        save_weights(model, task.meta, run_dir / "model.safetensors")
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "stopper": stopper.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "config": cfg.to_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
-        }
-        atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
+        logger.epoch(metrics, eta_s=(tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0))
+        if group.main:
+            if task.on_epoch_end:
+                task.on_epoch_end(epoch, logger)
+            if improved:
+                save_weights(model, task.meta, run_dir / "best.safetensors")
+            save_weights(model, task.meta, run_dir / "model.safetensors")
+        save(epoch, steps_per_epoch, loss_sum)
+        done = 0
         if stopper.should_stop:
             logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
             break

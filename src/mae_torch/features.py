@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .data import build_datasets, build_eval_dataset
-from .engine import Normalizer, autocast, make_loader, resolve_device, resolve_precision
 from .errors import MAEError
+from .runtime import Normalizer, autocast, make_loader, resolve_device, resolve_precision
 from .tasks import build_mae, build_vit, load_weights, model_config_from
 
 

@@ -25,17 +25,36 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel, where progress bars render although stderr is not a terminal."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir))
-        self.interactive = sys.stderr.isatty() or "ipykernel" in sys.modules  # a terminal or a notebook
+    """Logs of one run; `active=False` (processes other than rank 0 under DDP) makes every call a no-op."""
+
+    def __init__(self, run_dir: Path, active: bool = True):
+        self.run_dir, self.active = Path(run_dir), active
+        self.writer = SummaryWriter(str(self.run_dir)) if active else None
+        self.interactive = active and (sys.stderr.isatty() or in_notebook())
 
     def print(self, message: str) -> None:
-        tqdm.write(message)
+        if self.active:
+            tqdm.write(message)
+
+    def truncate_metrics(self, epochs: int) -> None:
+        """Keep the first `epochs` lines of metrics.jsonl: a resumed run logs the later ones again."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.active and path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epochs))
 
     def epoch(self, metrics: dict, eta_s: float) -> None:
         """Log one epoch's metrics everywhere: TensorBoard scalars, metrics.jsonl and the console."""
+        if not self.active:
+            return
         epoch = metrics["epoch"]
         for key in SCALARS:
             if key in metrics:
@@ -56,4 +75,5 @@ class RunLogger:
         save_reconstructions(grid, self.run_dir / "reconstructions.png", caption)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.active:
+            self.writer.close()

@@ -67,7 +67,7 @@ def decode_cached(ds: ImageFiles, num_workers: int = 0) -> TensorImages:
     loader = DataLoader(ds, batch_size=256, num_workers=num_workers, generator=torch.Generator())  # spares the RNG
     images, labels = zip(*loader)
     images, labels = torch.cat(images), torch.cat(labels).long()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one torchrun may race here
     save_file({"images": images.contiguous(), "labels": labels}, str(tmp))
     tmp.replace(path)
     return TensorImages(images, labels if ds.labels is not None else None)

@@ -26,16 +26,15 @@ from torch import nn
 
 from .config import Config, ModelConfig, from_dict
 from .data import ImageFiles, build_datasets, build_eval_dataset, list_images
-from .engine import Normalizer, Task, evaluate, fit, make_loader, resolve_device, resolve_precision
+from .engine import Task, evaluate, fit
 from .errors import MAEError
 from .mae import MaskedAutoencoder
 from .plots import save_reconstructions
+from .runtime import Normalizer, make_loader, resolve_device, resolve_precision
 from .vit import ViT
 from .viz import caption, reconstruction_grid
 
-ENCODER_FIELDS = (
-    "img_size",
-    "patch_size",
+ENCODER_FIELDS = (  # img_size and patch_size stay the fine-tuning run's: positions are resized to them
     "in_chans",
     "embed_dim",
     "depth",
@@ -186,18 +185,25 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """Train a classifier into run_dir, from scratch or from cfg.run.pretrained; returns the last metrics."""
     run_dir = start_run(run_dir, resume, overwrite)
     if cfg.run.pretrained and not resume:
-        state, meta = load_weights(cfg.run.pretrained)
-        pre = model_config_from(meta)
+        from .convert import load_encoder_for, read  # convert builds on this module
+
+        pretrained = read(cfg.run.pretrained)  # ours, official, transformers or timm weights
+        pre = pretrained.model
         changed = [f"{k}={getattr(cfg.model, k)}" for k in ENCODER_FIELDS if getattr(cfg.model, k) != getattr(pre, k)]
         if changed:
             print(f"note: the encoder comes from {cfg.run.pretrained}; its settings replace {', '.join(changed)}")
+        if (pre.img_size, pre.patch_size) != (cfg.model.img_size, cfg.model.patch_size):
+            print(
+                f"note: encoder pretrained on {pre.img_size}px images with {pre.patch_size}px patches, fine-tuned "
+                f"on {cfg.model.img_size}px with {cfg.model.patch_size}px: positions (and patch kernel) resized"
+            )
         for k in ENCODER_FIELDS:
             setattr(cfg.model, k, getattr(pre, k))
     train_ds, val_ds, classes = build_datasets(**data_args(cfg), need_labels=True)
     torch.manual_seed(cfg.run.seed)
     model = build_vit(cfg.model, len(classes))
     if cfg.run.pretrained and not resume:
-        load_encoder(model, state)
+        load_encoder_for(model, pretrained.state)
     smoothing = cfg.train.label_smoothing
 
     def train_loss(model, x, y):

@@ -1,0 +1,108 @@
+"""Where and how a step runs: device, precision, attention kernel, input normalization, loaders, safe writes.
+
+Design decisions:
+- `auto` everywhere means the measured fast path: bf16 autocast on GPUs and on CPUs with bf16 matrix units
+  (AVX-512 BF16 or AMX), SDPA attention on GPUs and matmul + softmax on CPUs (docs/benchmarks.md).
+- Images travel as uint8 and are normalized on the device: a quarter of the bytes to move.
+- Files are written to a temporary name, flushed to disk and renamed (`atomic_write`): a crash or a full
+  disk leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import MAEError
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)`, flush to disk, then rename: readers never see half a file, and a
+    failed write (a full disk) leaves the previous file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.chmod(tmp, 0o644)  # shared weights are readable by others, whatever mode the writer chose
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = f"the previous {path.name} is kept" if path.exists() else f"{path.name} was not written"
+        raise MAEError(f"could not write {path} ({e.strerror or e}); {kept}: free some disk space, then resume") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(model: nn.Module, meta: dict, path: Path) -> None:
+    """Weights for sharing: safetensors, with the model description in its metadata and in a JSON beside it."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"mae_torch": json.dumps(meta)}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MAEError(f"device {name} asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    return name if name != "auto" else ("sdpa" if device.type == "cuda" else "math")
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+class Normalizer:
+    """uint8 images -> normalized floats on the device (cheaper than converting on the host)."""
+
+    def __init__(self, mean, std, device: torch.device):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(self.mean.device, non_blocking=True).float() - self.mean) / self.std
+
+
+def make_loader(
+    ds: Dataset, batch: int, workers: int, device: torch.device, order=None, drop_last: bool = False
+) -> DataLoader:
+    """Batches of `ds` in the given order of indices (default: all, in order)."""
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=order,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        generator=torch.Generator(),  # its own: drawing worker seeds must not shift the training RNG stream
+    )
