@@ -142,6 +142,8 @@ class RunConfig:
     skip_nonfinite: int = doc("steps with a non-finite loss to skip (their update is dropped) before stopping", 0)
     compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)
     recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
+    label_fraction: float = doc("fine-tuning: share of the labeled training images used, class-balanced", 1.0)
+    labels_per_class: int = doc("fine-tuning: labeled images per class (overrides label_fraction; 0 = off)", 0)
     pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
 
 
@@ -162,6 +164,8 @@ class Config:
             "pretraining measures no accuracy: use --monitor val_loss",
         )
         check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
+        check(0 < self.run.label_fraction <= 1, f"label_fraction must be in (0, 1], got {self.run.label_fraction}")
+        check(self.run.labels_per_class >= 0, f"labels_per_class must be >= 0, got {self.run.labels_per_class}")
         check(self.run.save_every >= 0, f"save_every must be >= 0, got {self.run.save_every}")
         check(self.run.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {self.run.skip_nonfinite}")
         check(

@@ -297,3 +297,26 @@ def _carve(ds: Dataset, val_fraction: float, seed: int, where: str) -> tuple[Dat
         )
     held = set(val)
     return _Split(ds, [i for i in range(len(ds)) if i not in held]), _Split(ds, sorted(val))
+
+
+def label_subset(ds: Dataset, fraction: float = 1.0, per_class: int = 0, seed: int = 0) -> Dataset:
+    """A deterministic, class-balanced subset of a labeled split for low-label fine-tuning.
+
+    per_class > 0 keeps that many images of each class (all of a smaller class); otherwise round(fraction * n_c)
+    per class, at least 1. The choice depends only on the seed and the labels, so scratch and pretrained runs
+    with the same seed see the same labeled images; the rest of the data stays usable for pretraining.
+    """
+    if per_class <= 0 and fraction >= 1:
+        return ds
+    if not 0 < fraction <= 1:
+        raise MAEError(f"label_fraction must be in (0, 1], got {fraction}")
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(int(v) for v in ds.labels):
+        groups.setdefault(y, []).append(i)
+    g = torch.Generator().manual_seed(seed + 1)  # apart from the validation carve's stream
+    keep: list[int] = []
+    for y in sorted(groups):
+        idx = groups[y]
+        k = min(per_class, len(idx)) if per_class > 0 else max(1, round(fraction * len(idx)))
+        keep += [idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()]
+    return _Split(ds, sorted(keep))

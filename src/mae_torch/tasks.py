@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import Config, ModelConfig, from_dict
-from .data import ImageFiles, build_datasets, build_eval_dataset, list_images
+from .data import ImageFiles, build_datasets, build_eval_dataset, label_subset, list_images
 from .engine import Task, evaluate, fit
 from .errors import MAEError
 from .mae import MaskedAutoencoder
@@ -200,6 +200,7 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         for k in ENCODER_FIELDS:
             setattr(cfg.model, k, getattr(pre, k))
     train_ds, val_ds, classes = build_datasets(**data_args(cfg), need_labels=True)
+    train_ds = label_subset(train_ds, cfg.run.label_fraction, cfg.run.labels_per_class, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = build_vit(cfg.model, len(classes))
     if cfg.run.pretrained and not resume:
