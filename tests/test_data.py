@@ -268,3 +268,31 @@ def test_default_data_root_honours_xdg(monkeypatch, tmp_path):
     assert default_data_root() == os.path.join(str(tmp_path), "mae-torch", "data")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_data_root() == os.path.join(os.path.expanduser("~"), ".cache", "mae-torch", "data")
+
+
+def test_cmyk_16_bit_and_tiny_images_become_rgb_uint8(tmp_path):
+    cmyk = tmp_path / "c.jpg"
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(cmyk)  # pure red in CMYK
+    deep = tmp_path / "d.png"
+    Image.fromarray(np.full((12, 12), 60000, dtype=np.uint16)).save(deep)  # 16-bit greyscale, near white
+    tiny = _png(tmp_path / "t.png", size=2, color=(0, 128, 255))
+    ds = ImageFiles([str(cmyk), str(deep), tiny], None, img_size=8)
+    red, grey, small = (ds[i][0] for i in range(3))
+    assert red.shape == grey.shape == small.shape == (3, 8, 8)
+    assert red[0].float().mean() > 200 and red[1:].float().mean() < 60
+    assert int(grey.min()) > 200  # scaled from 16 bits, not clipped or wrapped
+    assert small[:, 4, 4].tolist() == [0, 128, 255]
+
+
+def test_truncated_images_fail_by_default_and_are_skipped_on_request(tmp_path, capsys):
+    _folder(tmp_path / "data", {"a": 6, "b": 6})
+    good = tmp_path / "data" / "a" / "00.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(good)
+    (tmp_path / "data" / "a" / "99.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated
+    train, val, _ = build_datasets(str(tmp_path / "data"), data_root=None, img_size=8, val_fraction=0.2)
+    with pytest.raises(MAEError, match=r"99\.png"):
+        [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+    train, val, _ = build_datasets(str(tmp_path / "data"), data_root=None, img_size=8, val_fraction=0.2, skip_bad=True)
+    assert len(train) + len(val) == 12
+    assert "skipped 1 unreadable images" in capsys.readouterr().out

@@ -173,3 +173,32 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, 
     assert "No space left on device" in capsys.readouterr().err
     kept = torch.load(run / "checkpoint.pt", weights_only=True)
     assert kept["step"] == good["step"] and not list(run.glob(".checkpoint.pt*.tmp"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([str(a) for a in ["pretrain", *FP32, "--data", data, "--epochs", "1", "--out", run]]) == 0
+    capsys.readouterr()
+    assert main([str(a) for a in ["pretrain", "--resume", run, "--embed-dim", "64", "--epochs", "2"]]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "pos_embed (1, 17, 32) vs (1, 17, 64)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+class Payload:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))  # would create a file when unpickled
+
+
+def test_a_malicious_checkpoint_is_never_executed(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([str(a) for a in ["pretrain", *FP32, "--data", data, "--epochs", "1", "--out", run]]) == 0
+    target = tmp_path / "pwned"
+    torch.save({"model": Payload(target)}, run / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([str(a) for a in ["pretrain", "--resume", run, "--epochs", "2"]]) == 2
+    assert "it was not run" in capsys.readouterr().err
+    assert not target.exists()

@@ -135,6 +135,7 @@ class RunConfig:
     seed: int = doc("random seed (weights, data order, masks)", 0)
     device: str = doc("auto, cpu, cuda, cuda:N or mps", "auto")
     precision: str = doc("auto, bf16, fp16 or fp32 (auto: bf16 where the hardware has it)", "auto")
+    skip_bad_images: bool = doc("skip images that do not decode (with a warning and a count) instead of failing", False)
     num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
     in_memory: bool = doc("hold small datasets as one uint8 tensor on the device (decoded once, cached)", True)
     attention: str = doc("sdpa, math, or auto: SDPA on GPUs, matmul + softmax on CPUs (measured faster)", "auto")

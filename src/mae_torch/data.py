@@ -48,6 +48,11 @@ class ImageFiles(Dataset):
             with Image.open(path) as im:
                 if im.mode == "P" and "transparency" in im.info:
                     im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+                if im.mode.startswith("I"):  # 16-bit (or 32-bit) greyscale: PIL's convert would clip at 255
+                    wide = np.asarray(im, dtype=np.float64)
+                    im = Image.fromarray(
+                        (wide * 255 / max(wide.max(), 1) if wide.max() > 255 else wide).astype(np.uint8)
+                    )
                 im = im.convert(self.mode)
                 if im.size != (self.img_size, self.img_size):
                     im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
@@ -109,6 +114,22 @@ def default_data_root() -> str:
     return os.path.join(cache, "mae-torch", "data")
 
 
+def readable(paths: list[str], labels: list[int] | None, where: str) -> tuple[list[str], list[int] | None]:
+    """Drop the files that do not decode (corrupt, truncated), saying how many and which was first."""
+    keep = []
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im.load()  # a full decode: truncated files pass Image.open
+            keep.append(i)
+        except (OSError, ValueError, SyntaxError):
+            pass
+    if len(keep) < len(paths):
+        first = next(p for i, p in enumerate(paths) if i not in set(keep))
+        print(f"warning: skipped {len(paths) - len(keep)} unreadable images in {where} (first: {first})")
+    return [paths[i] for i in keep], None if labels is None else [labels[i] for i in keep]
+
+
 def build_datasets(
     data: str,
     *,
@@ -118,8 +139,11 @@ def build_datasets(
     val_fraction: float = 0.1,
     seed: int = 0,
     need_labels: bool = False,
+    skip_bad: bool = False,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
-    """Train and validation splits of `data` and its class names (None for an unlabeled set)."""
+    """Train and validation splits of `data` and its class names (None for an unlabeled set).
+
+    skip_bad: drop images that do not decode (with a warning and a count) instead of failing on the first."""
     if not 0 <= val_fraction < 1:
         raise MAEError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
     if data.lower() in _CIFAR:
@@ -134,6 +158,8 @@ def build_datasets(
                 raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
         train_root = path
     paths, labels, classes = _scan(train_root)
+    if skip_bad:
+        paths, labels = readable(paths, labels, train_root)
     if need_labels:
         _require_labels(train_root, classes)
     train = ImageFiles(paths, labels, img_size, in_chans)
@@ -142,6 +168,8 @@ def build_datasets(
     if train_root == path or not os.path.isdir(val_root):
         return (*_carve(train, val_fraction, seed, train_root), classes)
     val_paths, val_labels, val_classes = _scan(val_root)
+    if skip_bad:
+        val_paths, val_labels = readable(val_paths, val_labels, val_root)
     if classes is None:
         val_labels = None  # an unlabeled train set makes the whole run unlabeled
     elif val_classes != classes:

@@ -46,6 +46,7 @@ from .runtime import (
     Normalizer,
     atomic_write,
     autocast,
+    load_state,
     make_loader,
     resolve_attention,
     resolve_device,
@@ -194,8 +195,12 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     start_epoch, step, done, carried = 0, 0, 0, 0.0  # done: optimizer steps of start_epoch already made
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
+        try:  # weights_only: a checkpoint is data; a pickle that wants to run code is refused
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not a usable checkpoint"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MAEError(f"cannot load {ckpt_path} as plain data ({first[:150]}); it was not run") from None
+        load_state(model, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         stopper.load_state_dict(ckpt["stopper"])

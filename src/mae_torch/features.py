@@ -16,7 +16,7 @@ import torch
 
 from .data import build_datasets, build_eval_dataset
 from .errors import MAEError
-from .runtime import Normalizer, autocast, make_loader, resolve_device, resolve_precision
+from .runtime import Normalizer, autocast, load_state, make_loader, resolve_device, resolve_precision
 from .tasks import build_mae, build_vit, load_weights, model_config_from
 
 
@@ -40,7 +40,7 @@ def embed(
     state, meta = load_weights(checkpoint)
     m = model_config_from(meta)
     model = build_mae(m) if meta["arch"] == "mae" else build_vit(m, len(meta.get("classes") or []))
-    model.load_state_dict(state)
+    load_state(model, state, str(checkpoint))
     if split == "train":
         ds, _, classes = build_datasets(
             data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, val_fraction=0.0

@@ -106,3 +106,26 @@ def make_loader(
         drop_last=drop_last,
         generator=torch.Generator(),  # its own: drawing worker seeds must not shift the training RNG stream
     )
+
+
+def load_state(module: nn.Module, state: dict, what: str) -> None:
+    """load_state_dict(strict=True), with a mismatch reported as one line that lists the keys at fault."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+
+        def few(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        parts = [
+            f"missing {few(missing)}" if missing else "",
+            f"unexpected {few(unexpected)}" if unexpected else "",
+            f"shapes differ: {few(shapes)}" if shapes else "",
+        ]
+        raise MAEError(f"{what} does not fit this model (another architecture?): " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state)

@@ -30,7 +30,7 @@ from .engine import Task, evaluate, fit
 from .errors import MAEError
 from .mae import MaskedAutoencoder
 from .plots import save_reconstructions
-from .runtime import Normalizer, make_loader, resolve_device, resolve_precision
+from .runtime import Normalizer, load_state, make_loader, resolve_device, resolve_precision
 from .vit import ViT
 from .viz import caption, reconstruction_grid
 
@@ -228,6 +228,7 @@ def data_args(cfg: Config) -> dict:
         in_chans=m.in_chans,
         val_fraction=r.val_fraction,
         seed=r.seed,
+        skip_bad=r.skip_bad_images,
     )
 
 
@@ -246,7 +247,7 @@ def evaluate_checkpoint(
         raise MAEError(f"{checkpoint} holds MAE pretraining weights, not a classifier; fine-tune it first")
     m = model_config_from(meta)
     model = build_vit(m, len(meta["classes"]))
-    model.load_state_dict(state)
+    load_state(model, state, str(checkpoint))
     ds, classes = build_eval_dataset(data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans)
     unknown = sorted(set(classes) - set(meta["classes"]))
     if unknown:
@@ -281,7 +282,7 @@ def reconstruct(
         raise MAEError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
     m = model_config_from(meta)
     model = build_mae(m)
-    model.load_state_dict(state)
+    load_state(model, state, str(checkpoint))
     dev = resolve_device(device)
     model.to(dev)
     paths = list_images(images)[:max_images]
