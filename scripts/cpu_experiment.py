@@ -24,8 +24,22 @@ import time
 import zipfile
 from pathlib import Path
 
-MODEL = ["--preset", "cifar10-vit-tiny", "--patch-size", "4", "--depth", "6", "--decoder-depth", "2",
-         "--pos-embed", "sincos", "--global-pool", "avg", "--num-workers", "1"]
+MODEL = [
+    "--preset",
+    "cifar10-vit-tiny",
+    "--patch-size",
+    "4",
+    "--depth",
+    "6",
+    "--decoder-depth",
+    "2",
+    "--pos-embed",
+    "sincos",
+    "--global-pool",
+    "avg",
+    "--num-workers",
+    "1",
+]
 
 
 def mae(*args) -> str:
@@ -64,17 +78,65 @@ def main() -> None:
     t0 = time.time()
     pre = work / "pretrain"
     if not (pre / "model.safetensors").exists():
-        mae("pretrain", *MODEL, "--data", data, "--epochs", args.pre_epochs, "--batch-size", 256, "--blr", 1.5e-4,
-            "--warmup-epochs", 1, "--norm-pix-loss", "--crop-scale", 0.2, 1, "--hflip", "--out", pre, "--overwrite")
+        mae(
+            "pretrain",
+            *MODEL,
+            "--data",
+            data,
+            "--epochs",
+            args.pre_epochs,
+            "--batch-size",
+            256,
+            "--blr",
+            1.5e-4,
+            "--warmup-epochs",
+            1,
+            "--norm-pix-loss",
+            "--crop-scale",
+            0.2,
+            1,
+            "--hflip",
+            "--out",
+            pre,
+            "--overwrite",
+        )
     results: dict[str, list[float]] = {"mae": [], "scratch": []}
     for seed in args.seeds:
         for init in ("mae", "scratch"):
             run = work / f"finetune-{init}-seed{seed}"
             extra = ["--pretrained", pre] if init == "mae" else []
-            mae("finetune", *MODEL, *extra, "--data", data, "--seed", seed, "--label-fraction", args.label_fraction,
-                "--epochs", args.ft_epochs, "--batch-size", 128, "--blr", 1e-3, "--warmup-epochs", 3,
-                "--crop-scale", 0.35, 1, "--hflip", "--label-smoothing", 0.1, "--drop-path", 0.1,
-                "--val-fraction", 0.05, "--out", run, "--overwrite")
+            mae(
+                "finetune",
+                *MODEL,
+                *extra,
+                "--data",
+                data,
+                "--seed",
+                seed,
+                "--label-fraction",
+                args.label_fraction,
+                "--epochs",
+                args.ft_epochs,
+                "--batch-size",
+                128,
+                "--blr",
+                1e-3,
+                "--warmup-epochs",
+                3,
+                "--crop-scale",
+                0.35,
+                1,
+                "--hflip",
+                "--label-smoothing",
+                0.1,
+                "--drop-path",
+                0.1,
+                "--val-fraction",
+                0.05,
+                "--out",
+                run,
+                "--overwrite",
+            )
             out = mae("evaluate", "--checkpoint", run / "model.safetensors", "--data", data, "--json")
             results[init].append(json.loads(out)["top1"])
     minutes = (time.time() - t0) / 60
@@ -84,17 +146,29 @@ def main() -> None:
         return f"{100 * statistics.mean(v):.2f} ± {100 * spread:.2f}"
 
     seeds = " ".join(map(str, args.seeds))
-    table = "\n".join([
-        f"| fine-tuned from | top-1 on 5,000 held-out images, mean ± std over seeds {seeds} | per seed |",
-        "|---|---|---|",
-        *(f"| {'MAE encoder' if k == 'mae' else 'scratch'} | {cell(v)} | "
-          f"{', '.join(f'{100 * x:.2f}' for x in v)} |" for k, v in results.items()),
-    ])
-    report = (f"{table}\n\n{int(args.label_fraction * 100)}% of the labels, {args.pre_epochs} pretraining epochs, "
-              f"{args.ft_epochs} fine-tuning epochs; {minutes:.0f} minutes in all.\n")
+    table = "\n".join(
+        [
+            f"| fine-tuned from | top-1 on 5,000 held-out images, mean ± std over seeds {seeds} | per seed |",
+            "|---|---|---|",
+            *(
+                f"| {'MAE encoder' if k == 'mae' else 'scratch'} | {cell(v)} | "
+                f"{', '.join(f'{100 * x:.2f}' for x in v)} |"
+                for k, v in results.items()
+            ),
+        ]
+    )
+    report = (
+        f"{table}\n\n{int(args.label_fraction * 100)}% of the labels, {args.pre_epochs} pretraining epochs, "
+        f"{args.ft_epochs} fine-tuning epochs; {minutes:.0f} minutes in all.\n"
+    )
     (work / "results.md").write_text(report)
-    mae("compare", work / f"finetune-scratch-seed{args.seeds[0]}", work / f"finetune-mae-seed{args.seeds[0]}",
-        "--out", work / "compare.png")
+    mae(
+        "compare",
+        work / f"finetune-scratch-seed{args.seeds[0]}",
+        work / f"finetune-mae-seed{args.seeds[0]}",
+        "--out",
+        work / "compare.png",
+    )
     print(report)
 
 
