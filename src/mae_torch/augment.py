@@ -12,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms.v2 import RandAugment
 
 
 def random_resized_crop(
@@ -38,8 +40,25 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
-def augment(x: torch.Tensor, crop_scale: tuple[float, float], hflip: bool) -> torch.Tensor:
-    """The configured training augmentation; crop_scale (1, 1) and hflip False leave the batch untouched."""
-    if crop_scale != (1.0, 1.0):
-        x = random_resized_crop(x, crop_scale)
-    return random_hflip(x) if hflip else x
+class Augment:
+    """A training batch's augmentation: uint8 images -> normalized, augmented floats, all on the device.
+
+    RandAugment (torchvision's, on uint8, per image: its ops are per-image) comes before normalization;
+    crop and flip are batched here; random erasing is timm's, on the normalized batch (the fine-tuning recipe
+    of the paper, after DeiT). Settings that are off cost nothing.
+    """
+
+    def __init__(self, crop_scale=(1.0, 1.0), hflip=False, randaugment=0, reprob=0.0, device="cpu"):
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.randaugment = RandAugment(num_ops=randaugment, magnitude=9) if randaugment else None
+        self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob else None
+
+    def __call__(self, images: torch.Tensor, norm) -> torch.Tensor:
+        if self.randaugment:
+            images = torch.stack([self.randaugment(img) for img in images])
+        x = norm(images)
+        if self.crop_scale != (1.0, 1.0):
+            x = random_resized_crop(x, self.crop_scale)
+        if self.hflip:
+            x = random_hflip(x)
+        return self.erase(x) if self.erase else x

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .augment import augment
+from .augment import Augment
 from .config import resolve
 from .data import TensorImages
 from .engine import param_groups
@@ -77,11 +77,11 @@ def make_step(
     num_patches = model.patch_embed.num_patches
     rng = np.random.default_rng(0)
 
-    crop, flip = ((0.2, 1.0), True) if augmented else (tc.crop_scale, tc.hflip)
+    aug = Augment((0.2, 1.0), True) if augmented else Augment(tc.crop_scale, tc.hflip)
 
     def data():
         images, labels = next(data_set.batches(torch.randperm(len(data_set))[:batch], batch))
-        return augment(norm(images), crop, flip), labels
+        return aug(images, norm), labels
 
     def step():
         x, labels = data()

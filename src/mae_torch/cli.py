@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--tta-flip", action="store_true", help="average the logits of each image and its mirror")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, loss, n")
 
     p = sub.add_parser(
@@ -223,7 +224,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "evaluate":
         result = tasks.evaluate_checkpoint(
-            args.checkpoint, args.data, args.data_root, args.device, args.precision, args.batch_size, args.num_workers
+            args.checkpoint,
+            args.data,
+            args.data_root,
+            args.device,
+            args.precision,
+            args.batch_size,
+            args.num_workers,
+            args.tta_flip,
         )
         if args.json:
             print(json.dumps(result))

@@ -31,12 +31,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
-from .augment import augment
+from .augment import Augment
 from .config import Config
 from .dist import Dist, setup
 from .errors import MAEError
@@ -78,9 +80,14 @@ def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float = 0.0)
     return minimum + (peak - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms (1-D), position embeddings and tokens; frozen ones left out."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on biases, norms (1-D), position embeddings and tokens; frozen ones left out.
+
+    layer_decay < 1: timm's layer-wise lr decay (BEiT, the paper's fine-tuning): block i's lr is scaled by
+    layer_decay^(depth - i), the embeddings' by layer_decay^(depth + 1); groups carry `lr_scale`."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if layer_decay < 1:
+        return param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -117,9 +124,12 @@ class EarlyStopper:
 
 
 @torch.no_grad()
-def evaluate(task: Task, batches, norm: Normalizer, precision: str, seed: int = 0, group: Dist | None = None) -> dict:
-    """Mean of the task's validation sums over (this process's share of) the batches, under a fixed seed."""
-    model, device, group = task.model, norm.mean.device, group or Dist()
+def evaluate(
+    task: Task, batches, norm: Normalizer, precision: str, seed: int = 0, group: Dist | None = None, model=None
+) -> dict:
+    """Mean of the task's validation sums over (this process's share of) the batches, under a fixed seed;
+    `model` replaces task.model (e.g. its EMA)."""
+    model, device, group = model or task.model, norm.mean.device, group or Dist()
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -182,11 +192,17 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     )
     forward = torch.compile(ddp) if rc.compile else ddp
     optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay), lr=tc.peak_lr, betas=tc.betas, fused=device.type in ("cpu", "cuda")
+        param_groups(model, tc.weight_decay, tc.layer_decay),
+        lr=tc.peak_lr,
+        betas=tc.betas,
+        fused=device.type in ("cpu", "cuda"),
     )
     scaler = scaler_for(device, precision)
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None  # validated and saved instead
+    judged = ema.module if ema else model
     stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)
+    aug = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device)
     logger = RunLogger(run_dir, active=group.main)
     if group.main:
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
@@ -204,6 +220,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         stopper.load_state_dict(ckpt["stopper"])
+        if ema:
+            load_state(ema.module, ckpt["ema"], f"the EMA weights of {ckpt_path}")
         mine = group.rank if len(ckpt["rng"]["torch"]) == group.world else 0
         torch.set_rng_state(ckpt["rng"]["torch"][mine])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
@@ -265,6 +283,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
                 "loss_sum": losses,
                 "rng": rng,
                 "config": cfg.to_dict(),
+                **({"ema": ema.module.state_dict()} if ema else {}),
             }
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         group.barrier()
@@ -298,7 +317,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
             last = (i + 1) % accum == 0
             with ddp.no_sync() if group.world > 1 and not last else nullcontext():
                 with autocast(device, precision):
-                    x = augment(norm(images), tc.crop_scale, tc.hflip)
+                    x = aug(images, norm)
                     loss = task.train_loss(forward, x, labels.to(device, non_blocking=True)).float()
                 scaler.scale(loss / accum).backward()
             finite = torch.isfinite(loss.detach())
@@ -309,10 +328,12 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
                 continue
             lr = lr_at(step, total_steps, warmup_steps, tc.peak_lr, tc.min_lr)
             for group_ in optimizer.param_groups:
-                group_["lr"] = lr
+                group_["lr"] = lr * group_.get("lr_scale", 1.0)
             scaler.step(optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(model, step)
             step, done = step + 1, done + 1
             now = time.perf_counter()
             dt, t_step = now - t_step, now
@@ -335,7 +356,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
             batches = val_dev.batches(val_share, tc.micro_batch, drop_last=False)
         else:
             batches = make_loader(val_ds, tc.micro_batch, rc.num_workers, device, val_share.tolist())
-        val = evaluate(task, batches, norm, precision, rc.seed, group)
+        val = evaluate(task, batches, norm, precision, rc.seed, group, judged)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
@@ -352,8 +373,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
             if task.on_epoch_end:
                 task.on_epoch_end(epoch, logger)
             if improved:
-                save_weights(model, task.meta, run_dir / "best.safetensors")
-            save_weights(model, task.meta, run_dir / "model.safetensors")
+                save_weights(judged, task.meta, run_dir / "best.safetensors")
+            save_weights(judged, task.meta, run_dir / "model.safetensors")
         save(epoch, steps_per_epoch, loss_sum)
         done = 0
         if stopper.should_stop:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from timm.data import Mixup
 from torch import nn
 
 from .config import Config, ModelConfig, from_dict
@@ -205,17 +206,33 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     model = build_vit(cfg.model, len(classes))
     if cfg.run.pretrained and not resume:
         load_encoder_for(model, pretrained.state)
-    smoothing = cfg.train.label_smoothing
+    tc = cfg.train
+    mix = None
+    if tc.mixup or tc.cutmix:  # timm's: soft targets that already carry the label smoothing
+        if tc.micro_batch % 2:
+            raise MAEError(f"mixup and cutmix pair images: use an even --device-batch-size, not {tc.micro_batch}")
+        mix = Mixup(
+            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=len(classes)
+        )
 
     def train_loss(model, x, y):
-        return F.cross_entropy(model(x), y, label_smoothing=smoothing)
+        if mix:
+            x, soft = mix(x, y)
+            return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+
+    def sums(model, x, y):
+        return classification_sums(model, x, y, tc.tta_flip)
 
     meta = {"arch": "vit", "model": asdict(cfg.model), "classes": classes}
-    return fit(Task(model, train_loss, classification_sums, meta), train_ds, val_ds, cfg, run_dir, resume)
+    return fit(Task(model, train_loss, sums, meta), train_ds, val_ds, cfg, run_dir, resume)
 
 
-def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool = False) -> dict:
+    """Summed loss and correct predictions; tta_flip averages the logits of each image and its mirror."""
     logits = model(x).float()
+    if tta_flip:
+        logits = (logits + model(x.flip(-1)).float()) / 2
     return {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(-1) == y).sum()}
 
 
@@ -240,6 +257,7 @@ def evaluate_checkpoint(
     precision: str = "auto",
     batch_size: int = 256,
     num_workers: int = 2,
+    tta_flip: bool = False,
 ) -> dict:
     """Top-1 accuracy and mean loss of a fine-tuned classifier on a labeled dataset: {top1, loss, n}."""
     state, meta = load_weights(checkpoint)
@@ -258,7 +276,7 @@ def evaluate_checkpoint(
     norm = Normalizer(m.mean, m.std, dev)
 
     def sums(model, x, y):
-        return classification_sums(model, x, to_ckpt.to(y.device)[y])
+        return classification_sums(model, x, to_ckpt.to(y.device)[y], tta_flip)
 
     loader = make_loader(ds, batch_size, num_workers, dev)
     result = evaluate(Task(model, None, sums, meta), loader, norm, resolve_precision(precision, dev))

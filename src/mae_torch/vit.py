@@ -108,6 +108,13 @@ class ViT(nn.Module):
         """Parameter names exempt from weight decay (besides biases and norms, which are 1-D)."""
         return {"cls_token", "pos_embed"}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay (as timm's ViT): embeddings, each block, then the rest."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> patch tokens with positions, (B, L, D); no CLS token yet."""
         return self.patch_embed(imgs) + self.pos_embed[:, 1:]

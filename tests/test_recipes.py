@@ -1,0 +1,124 @@
+"""Fine-tuning recipe options: layer-wise lr decay, mixup/cutmix, RandAugment, random erasing, EMA, flip TTA,
+and the class-balanced label subsets of low-label fine-tuning."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mae_torch.augment import Augment
+from mae_torch.cli import main
+from mae_torch.data import TensorImages, label_subset
+from mae_torch.engine import param_groups
+from mae_torch.runtime import Normalizer
+from mae_torch.tasks import classification_sums
+from mae_torch.vit import ViT
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes") / "data"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(36):
+            img = (rng.random((16, 16, 3)) * 100).astype(np.uint8)
+            img[..., 2 * c] += 150
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_layer_decay_scales_the_lr_by_depth():
+    vit = ViT(16, 4, 3, 32, 2, 2, num_classes=3)
+    groups = param_groups(vit, 0.05, layer_decay=0.5)
+    scale = {}
+    for g in groups:
+        for p in g["params"]:
+            scale[next(n for n, q in vit.named_parameters() if q is p)] = (g["lr_scale"], g["weight_decay"])
+    assert scale["cls_token"] == (0.125, 0.0) and scale["patch_embed.proj.weight"] == (0.125, 0.05)
+    assert scale["blocks.0.attn.qkv.weight"] == (0.25, 0.05) and scale["blocks.1.mlp.fc1.bias"] == (0.5, 0.0)
+    assert scale["head.weight"] == (1.0, 0.05) and "pos_embed" not in scale  # sin-cos: frozen
+
+
+def test_flip_tta_averages_the_logits_of_both_views():
+    torch.manual_seed(0)
+    vit = ViT(16, 4, 3, 32, 1, 2, num_classes=3).eval()
+    torch.nn.init.normal_(vit.head.weight)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        logits = (vit(x) + vit(x.flip(-1))) / 2
+        sums = classification_sums(vit, x, y, tta_flip=True)
+    expected = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    assert torch.allclose(sums["loss"], expected) and sums["acc"] == (logits.argmax(-1) == y).sum()
+
+
+def test_augment_pipeline_keeps_shapes_and_changes_images():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    norm = Normalizer((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    plain = Augment()(images, norm)
+    assert torch.equal(plain, norm(images))  # everything off: just normalization
+    out = Augment((0.5, 1.0), True, randaugment=2, reprob=1.0)(images, norm)
+    assert out.shape == plain.shape and out.dtype == torch.float32 and not torch.allclose(out, plain)
+
+
+def test_label_subsets_are_balanced_seeded_and_nested_in_the_data():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    ds = TensorImages(torch.zeros(100, 3, 2, 2, dtype=torch.uint8), labels)
+    sub = label_subset(ds, fraction=0.1, seed=0)
+    assert Counter(int(v) for v in sub.labels) == {0: 5, 1: 3, 2: 2}
+    assert sub.indices == label_subset(ds, fraction=0.1, seed=0).indices != label_subset(ds, 0.1, seed=1).indices
+    assert Counter(int(v) for v in label_subset(ds, per_class=25).labels) == {0: 25, 1: 25, 2: 20}
+    assert label_subset(ds) is ds
+
+
+def test_full_recipe_fine_tunes_with_ema(data, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "finetune",
+        "--preset",
+        "smoke",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--randaugment",
+        "2",
+        "--reprob",
+        "0.25",
+        "--layer-decay",
+        "0.75",
+        "--label-smoothing",
+        "0.1",
+        "--drop-path",
+        "0.1",
+        "--crop-scale",
+        "0.5",
+        "1",
+        "--hflip",
+        "--ema-decay",
+        "0.9",
+        "--tta-flip",
+        "--label-fraction",
+        "0.5",
+        "--out",
+        run,
+    ]
+    assert main([str(a) for a in args]) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in ckpt["ema"].items())  # the EMA is what gets shared
+    assert any(not torch.equal(saved[k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
