@@ -122,3 +122,51 @@ def test_full_recipe_fine_tunes_with_ema(data, tmp_path):
     saved = load_file(str(run / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in ckpt["ema"].items())  # the EMA is what gets shared
     assert any(not torch.equal(saved[k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
+
+
+def test_knn_vote_is_weighted_by_similarity():
+    from mae_torch.features import knn_accuracy
+
+    memory = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    assert knn_accuracy(memory, labels, queries, torch.tensor([0, 1]), k=3) == 1.0
+    assert knn_accuracy(memory, labels, queries, torch.tensor([1, 0]), k=3) == 0.0
+    # k=3, one neighbour of class 1 but far more similar than two of class 0: the weighted vote picks it
+    assert knn_accuracy(memory, labels, torch.tensor([[0.2, 1.0]]), torch.tensor([1]), k=3, temperature=0.05) == 1.0
+
+
+def test_pretraining_logs_knn_and_probes_run(data, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "pre"
+    args = [
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--knn-every",
+        "1",
+        "--out",
+        run,
+    ]
+    assert main([str(a) for a in args]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["knn_acc"] <= 1 for m in lines)
+    capsys.readouterr()
+    common = ["--checkpoint", run, "--data", data, "--device", "cpu", "--num-workers", "0"]
+    assert main([str(a) for a in ["knn", *common]]) == 0
+    knn = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert knn["knn_top1"] == pytest.approx(lines[-1]["knn_acc"]) and knn["n"] == 8
+    assert (
+        main([str(a) for a in ["linprobe", *common, "--epochs", "30", "--batch-size", "32", "--optimizer", "sgd"]]) == 0
+    )
+    probe = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert probe["best_top1"] >= 0.75  # two colour classes: linearly separable even in a barely trained encoder

@@ -1,4 +1,4 @@
-"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, convert, embed, bench.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, convert, embed, knn, linprobe, bench.
 
 Design decisions:
 - Every config field is a flag (`--mask-ratio`, `--batch-size`, ...), generated from the dataclasses in
@@ -183,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
 
+    for name, text in (
+        ("knn", "k-NN accuracy of a frozen encoder on labeled data (training split as memory)"),
+        ("linprobe", "linear probing of a frozen encoder: BatchNorm + linear head, LARS or SGD"),
+    ):
+        p = sub.add_parser(
+            name, help=text, description=text + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|WEIGHTS", help="any mae-torch weights")
+        p.add_argument("--data", required=True, help="cifar10/cifar100 or a labeled folder (train/ and val/ or one)")
+        p.add_argument("--data-root", default="", help="where torchvision datasets live")
+        p.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/")
+        p.add_argument("--seed", type=int, default=0, help="validation carve and probe seed")
+        p.add_argument(
+            "--pool",
+            choices=["cls", "avg"],
+            default="cls" if name == "linprobe" else None,
+            help="features: CLS token or mean patch token (knn default: the model's own)",
+        )
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+        p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+        if name == "knn":
+            p.add_argument("--k", type=int, default=20, help="neighbours that vote")
+            p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+        else:
+            p.add_argument("--epochs", type=int, default=90, help="probe epochs (the paper: 90 on ImageNet)")
+            p.add_argument("--batch-size", type=int, default=4096, help="probe batch (the paper: 16384)")
+            p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr x batch / 256")
+            p.add_argument("--optimizer", choices=["lars", "sgd"], default="lars", help="the paper: LARS")
+
     p = sub.add_parser(
         "bench",
         help="time the pretraining and fine-tuning steps: img/s, GFLOP/img, TFLOP/s, share of peak",
@@ -247,6 +276,25 @@ def run(args: argparse.Namespace) -> int:
 
         out = convert(args.src, args.src_format, args.out, args.dst_format, args.num_heads, args.decoder_num_heads)
         print(f"wrote {out}")
+        return 0
+    if args.command in ("knn", "linprobe"):
+        from . import features
+
+        common = dict(
+            pool=args.pool,
+            data_root=args.data_root,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            device=args.device,
+            num_workers=args.num_workers,
+        )
+        if args.command == "knn":
+            result = features.knn(args.checkpoint, args.data, args.k, args.temperature, **common)
+        else:
+            result = features.linprobe(
+                args.checkpoint, args.data, args.epochs, args.batch_size, args.blr, args.optimizer, **common
+            )
+        print(json.dumps(result))
         return 0
     if args.command == "embed":
         from .features import embed

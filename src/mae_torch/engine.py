@@ -66,7 +66,7 @@ class Task:
     train_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x, y) -> loss
     eval_sums: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # sums over batch
     meta: dict  # what model.json records: architecture, model config, class names
-    on_epoch_end: Callable[[int, RunLogger], None] | None = None
+    on_epoch_end: Callable[[int, RunLogger], dict | None] | None = None  # rank 0; may add metrics
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -368,10 +368,10 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         }
         improved = stopper.update(metrics[tc.monitor])
         metrics["best"] = improved
+        if group.main and task.on_epoch_end:
+            metrics.update(task.on_epoch_end(epoch, logger) or {})  # e.g. a k-NN accuracy
         logger.epoch(metrics, eta_s=(tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0))
         if group.main:
-            if task.on_epoch_end:
-                task.on_epoch_end(epoch, logger)
             if improved:
                 save_weights(judged, task.meta, run_dir / "best.safetensors")
             save_weights(judged, task.meta, run_dir / "model.safetensors")

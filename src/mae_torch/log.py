@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .plots import plot_curves, save_reconstructions
 
-SCALARS = ("train_loss", "val_loss", "val_acc", "lr", "img_per_s")
+SCALARS = ("train_loss", "val_loss", "val_acc", "knn_acc", "lr", "img_per_s")
 
 
 def fmt_time(seconds: float) -> str:
@@ -63,7 +63,9 @@ class RunLogger:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         plot_curves(self.run_dir)
-        shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in metrics)
+        shown = " ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc", "knn_acc") if k in metrics
+        )
         self.print(
             f"epoch {epoch}: {shown} | lr {metrics['lr']:.2e} | {metrics['img_per_s']:.0f} img/s"
             f"{' | best' if metrics.get('best') else ''} | run ETA {fmt_time(eta_s)}"

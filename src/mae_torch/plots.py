@@ -24,7 +24,7 @@ from .errors import MAEError  # noqa: E402
 
 PANELS = [  # (title, y label, metrics drawn on it)
     ("loss", "loss", ("train_loss", "val_loss")),
-    ("validation accuracy", "top-1 accuracy", ("val_acc",)),
+    ("validation accuracy", "top-1 accuracy", ("val_acc", "knn_acc")),
     ("learning rate", "learning rate", ("lr",)),
 ]
 

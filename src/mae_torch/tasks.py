@@ -167,12 +167,25 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     noise = torch.rand(n, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed))
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)  # ...with the same mask, so epochs compare
 
-    def show(epoch: int, logger) -> None:
+    knn_every = cfg.run.knn_every if classes else 0  # k-NN needs labels; pretraining itself never sees them
+
+    def show(epoch: int, logger) -> dict:
         if n:
             grid = reconstruction_grid(model, norm(fixed), noise.to(device), cfg.model.mean, cfg.model.std)
             logger.reconstructions(
                 grid, epoch + 1, caption(model, prefix=f"epoch {epoch + 1}, fixed images and mask: ")
             )
+        if knn_every and (epoch + 1) % knn_every == 0:
+            from .features import extract, knn_accuracy  # features builds on this module
+
+            model.cfg = cfg.model
+            was_training = model.training
+            model.eval()
+            memory = extract(model, train_ds, device)
+            queries = extract(model, val_ds, device)
+            model.train(was_training)
+            return {"knn_acc": knn_accuracy(*memory, *queries)}
+        return None
 
     def eval_sums(model, x, y):
         return {"loss": model(x).loss * len(x)}
