@@ -274,8 +274,13 @@ def evaluate_checkpoint(
 ) -> dict:
     """Top-1 accuracy and mean loss of a fine-tuned classifier on a labeled dataset: {top1, loss, n}."""
     state, meta = load_weights(checkpoint)
-    if meta.get("arch") != "vit" or not meta.get("classes"):
+    if meta.get("arch") != "vit":
         raise MAEError(f"{checkpoint} holds MAE pretraining weights, not a classifier; fine-tune it first")
+    if not meta.get("classes"):
+        raise MAEError(
+            f"{checkpoint} names no classes (converted from another format?): evaluation matches "
+            "classes by name, so fine-tune it with mae finetune first"
+        )
     m = model_config_from(meta)
     model = build_vit(m, len(meta["classes"]))
     load_state(model, state, str(checkpoint))
