@@ -393,3 +393,57 @@ def test_new_patch_size_for_an_encoder_only():
         assert torch.isfinite(dst.forward_features(torch.randn(1, 3, 32, 32))).all()
     with pytest.raises(MAEError, match="encoder only"):
         adapt_state(tiny_mae_weights().state, 32, 8)
+
+
+def test_finetune_from_an_official_checkpoint_on_smaller_images(tmp_path):
+    """The README recipe: official-format MAE weights (here a small random model saved the official way) fine-tuned
+    on images of another size, positions and patch kernel resized, through the CLI."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from mae_torch.cli import main
+    from mae_torch.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(32, 8, 3, 64, 2, 1, 4.0, "sincos", 32, 1, 1)  # "pretrained" on 32px, 8px patches
+    torch.save(
+        {"model": mae.state_dict(), "args": argparse.Namespace(mask_ratio=0.75, norm_pix_loss=False), "epoch": 799},
+        tmp_path / "official.pth",
+    )
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
+                tmp_path / "data" / f"c{c}" / f"{i}.png"
+            )
+    run = tmp_path / "ft"
+    args = [
+        "finetune",
+        "--preset",
+        "smoke",
+        "--data",
+        tmp_path / "data",
+        "--pretrained",
+        tmp_path / "official.pth",
+        "--num-heads",
+        "1",
+        "--img-size",
+        "16",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        run,
+    ]
+    assert main([str(a) for a in args]) == 0
+    saved = load_file(str(run / "model.safetensors"))
+    assert saved["pos_embed"].shape == (1, 17, 64) and saved["patch_embed.proj.weight"].shape == (64, 3, 4, 4)
+    assert torch.allclose(saved["blocks.1.mlp.fc2.bias"], mae.state_dict()["blocks.1.mlp.fc2.bias"], atol=1e-2)

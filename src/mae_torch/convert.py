@@ -128,8 +128,10 @@ def is_sincos(pos_embed: torch.Tensor) -> bool:
 
 
 def head_count(given: int | None, known: int | None, width: int, table: dict[int, int], flag: str) -> int:
-    if given or known:
-        return given or known
+    """The file's own word first (heads do not show in shapes: a wrong count would load silently), then
+    the caller's `given` hint, then the official sizes, then timm's usual 64-wide heads."""
+    if known or given:
+        return known or given
     if width in table or width % 64 == 0:
         return table.get(width, width // 64)  # the official sizes, else timm's usual 64-wide heads
     raise MAEError(f"cannot tell the attention heads of a {width}-wide model from its tensors; pass {flag}")

@@ -201,7 +201,10 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     if cfg.run.pretrained and not resume:
         from .convert import load_encoder_for, read  # convert builds on this module
 
-        pretrained = read(cfg.run.pretrained)  # ours, official, transformers or timm weights
+        # ours, official, transformers or timm weights; heads the file does not state are this run's
+        pretrained = read(
+            cfg.run.pretrained, num_heads=cfg.model.num_heads, decoder_num_heads=cfg.model.decoder_num_heads
+        )
         pre = pretrained.model
         changed = [f"{k}={getattr(cfg.model, k)}" for k in ENCODER_FIELDS if getattr(cfg.model, k) != getattr(pre, k)]
         if changed:
