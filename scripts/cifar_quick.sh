@@ -9,16 +9,7 @@ WORK=${1:-runs/cifar-quick}
 ZIP=${CIFAR_ZIP:-../shared/data/cifar10-train-jpeg.zip}
 MAE=${MAE:-mae}
 mkdir -p "$WORK"
-if [ ! -d "$WORK/data/test" ]; then
-  unzip -q -o "$ZIP" -d "$WORK/raw"
-  for dir in "$WORK"/raw/train/*/; do
-    class=$(basename "$dir")
-    mkdir -p "$WORK/data/train/$class" "$WORK/data/test/$class"
-    ls "$dir" | sort | head -n 4500 | xargs -I{} mv "$dir/{}" "$WORK/data/train/$class/"
-    ls "$dir" | sort | xargs -I{} mv "$dir/{}" "$WORK/data/test/$class/"
-  done
-  rm -rf "$WORK/raw"
-fi
+python scripts/split_cifar_zip.py "$ZIP" "$WORK/data"
 MODEL=(--preset cifar10-vit-tiny --patch-size 4 --depth 6 --decoder-depth 2 --pos-embed sincos --global-pool avg)
 COMMON=(--data "$WORK/data" --num-workers 1 --seed 0)
 $MAE pretrain "${MODEL[@]}" "${COMMON[@]}" --epochs ${PRE_EPOCHS:-4} --batch-size 256 --warmup-epochs 1 \

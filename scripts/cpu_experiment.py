@@ -21,8 +21,9 @@ import json
 import statistics
 import subprocess
 import time
-import zipfile
 from pathlib import Path
+
+from split_cifar_zip import prepare  # scripts/ is on the path of a script run from it
 
 MODEL = [
     "--preset",
@@ -46,22 +47,6 @@ def mae(*args) -> str:
     cmd = ["mae", *[str(a) for a in args]]
     print("$", " ".join(cmd), flush=True)
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def prepare(zip_path: Path, data: Path) -> None:
-    """data/train/<class>/ (4,500 per class) and data/test/<class>/ (the last 500 per class, held out)."""
-    if (data / "test").exists():
-        return
-    with zipfile.ZipFile(zip_path) as z:
-        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
-        by_class: dict[str, list[str]] = {}
-        for n in names:
-            by_class.setdefault(n.split("/")[1], []).append(n)
-        for cls, files in by_class.items():
-            for i, n in enumerate(files):
-                out = data / ("train" if i < len(files) - 500 else "test") / cls / Path(n).name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(z.read(n))
 
 
 def main() -> None:

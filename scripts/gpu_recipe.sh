@@ -9,17 +9,7 @@ export PYTHONPATH=src
 OUT=${OUT:-gpu-out}; PRE=${PRE_EPOCHS:-40}; FT=${FT_EPOCHS:-20}
 mkdir -p "$OUT" /tmp/cifar
 exec > >(tee "$OUT/recipe-log.txt") 2>&1
-python - <<'PY'
-import zipfile, pathlib
-z = zipfile.ZipFile("data/cifar10-train-jpeg.zip")
-names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
-for cls in sorted({n.split("/")[1] for n in names}):
-    files = [n for n in names if n.split("/")[1] == cls]
-    for i, n in enumerate(files):
-        out = pathlib.Path("/tmp/cifar") / ("train" if i < len(files) - 500 else "test") / cls / pathlib.Path(n).name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(z.read(n))
-PY
+python scripts/split_cifar_zip.py data/cifar10-train-jpeg.zip /tmp/cifar
 P=cifar10-vit-tiny-improved
 timeout 240 python -m mae_torch pretrain --preset $P --data /tmp/cifar --epochs $PRE --warmup-epochs 4 \
   --out /tmp/runs/pre --overwrite

@@ -31,7 +31,7 @@ from .tasks import build_mae, build_vit, load_weights, model_config_from
 from .vit import ViT
 
 
-def load_encoder(checkpoint: str, device: torch.device) -> ViT:
+def load_frozen(checkpoint: str, device: torch.device) -> ViT:
     """Any mae-torch weights (pretraining or fine-tuned) as a frozen model in eval mode on `device`."""
     state, meta = load_weights(checkpoint)
     m = model_config_from(meta)
@@ -105,7 +105,7 @@ def knn(
 ) -> dict:
     """k-NN accuracy of the frozen encoder: training split as memory, validation split as queries."""
     dev = resolve_device(device)
-    model = load_encoder(checkpoint, dev)
+    model = load_frozen(checkpoint, dev)
     train, val, _ = labeled_splits(model, data, data_root, val_fraction, seed)
     tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
     vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
@@ -129,7 +129,7 @@ def linprobe(
 ) -> dict:
     """Train BatchNorm(affine=False) + linear on frozen features; returns the validation top-1 per epoch."""
     dev = resolve_device(device)
-    model = load_encoder(checkpoint, dev)
+    model = load_frozen(checkpoint, dev)
     train, val, classes = labeled_splits(model, data, data_root, val_fraction, seed)
     tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
     vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
@@ -186,7 +186,7 @@ def embed(
     split "eval": CIFAR's test split, or the folder's test/ (else val/, else itself), as `mae evaluate` reads.
     """
     dev = resolve_device(device)
-    model = load_encoder(checkpoint, dev)
+    model = load_frozen(checkpoint, dev)
     m = model.cfg
     if split == "train":
         ds, _, classes = build_datasets(
