@@ -63,8 +63,13 @@ def extract(
     return torch.cat(feats), torch.cat(labels)
 
 
-def labeled_splits(model: ViT, data: str, data_root: str, val_fraction: float, seed: int):
-    """Train and validation splits of labeled data, the same carve as training uses."""
+def split_features(
+    checkpoint: str, data: str, pool, data_root: str, val_fraction: float, seed: int, device: str, num_workers: int
+):
+    """Frozen features of the labeled training and validation splits (the carve training uses), class names,
+    and the device: ((train_x, train_y), (val_x, val_y), classes, device)."""
+    dev = resolve_device(device)
+    model = load_frozen(checkpoint, dev)
     m = model.cfg
     train, val, classes = build_datasets(
         data,
@@ -75,7 +80,12 @@ def labeled_splits(model: ViT, data: str, data_root: str, val_fraction: float, s
         seed=seed,
         need_labels=True,
     )
-    return train, val, classes
+    return (
+        extract(model, train, dev, pool, num_workers=num_workers),
+        extract(model, val, dev, pool, num_workers=num_workers),
+        classes,
+        dev,
+    )
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
@@ -104,11 +114,9 @@ def knn(
     num_workers: int = 2,
 ) -> dict:
     """k-NN accuracy of the frozen encoder: training split as memory, validation split as queries."""
-    dev = resolve_device(device)
-    model = load_frozen(checkpoint, dev)
-    train, val, _ = labeled_splits(model, data, data_root, val_fraction, seed)
-    tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
-    vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
+    (tx, ty), (vx, vy), _, _ = split_features(
+        checkpoint, data, pool, data_root, val_fraction, seed, device, num_workers
+    )
     return {"knn_top1": knn_accuracy(tx, ty, vx, vy, k, temperature), "k": k, "n": len(vx)}
 
 
@@ -128,11 +136,9 @@ def linprobe(
     log=print,
 ) -> dict:
     """Train BatchNorm(affine=False) + linear on frozen features; returns the validation top-1 per epoch."""
-    dev = resolve_device(device)
-    model = load_frozen(checkpoint, dev)
-    train, val, classes = labeled_splits(model, data, data_root, val_fraction, seed)
-    tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
-    vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
+    (tx, ty), (vx, vy), classes, dev = split_features(
+        checkpoint, data, pool, data_root, val_fraction, seed, device, num_workers
+    )
     torch.manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(tx.shape[1], affine=False, eps=1e-6), nn.Linear(tx.shape[1], len(classes)))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
