@@ -532,16 +532,13 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, data_dir, pretrain_run,
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
-def test_no_validation_split_is_a_clean_outcome(command, data_dir, tmp_path, capsys):
-    """--val-fraction 0 (allowed by the config, and by data.py "on purpose") must either train without
-    validation or exit 2 with one line. BUG: pretrain crashes with a traceback (torch.stack of no images in
-    tasks.pretrain)."""
+def test_no_validation_split_exits_2_with_one_line(command, data_dir, tmp_path, capsys):
+    """--val-fraction 0 leaves nothing to monitor: a one-line error naming the fix, before any training."""
     capsys.readouterr()
     rc = mae(command, *CPU, "--data", data_dir, "--out", tmp_path / "run", "--val-fraction", "0", "--epochs", "1")
-    if rc == 2:
-        assert "val" in one_error_line(capsys.readouterr().err)
-    else:
-        assert rc == 0 and len(metrics(tmp_path / "run")) == 1
+    assert rc == 2
+    assert "--val-fraction above 0" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_existing_out_needs_overwrite(data_dir, tmp_path, capsys):
