@@ -247,7 +247,7 @@ def test_evaluate_matches_classes_by_name(tmp_path, capsys):
 
 
 def test_evaluate_on_a_single_class_folder(finetune_run, data_dir, tmp_path, capsys):
-    """A test folder with one of the checkpoint's classes is a subset too (BUG: refused, 'needs 2 classes')."""
+    """A test folder with one of the checkpoint's classes is a subset too, not a 'needs 2 classes' error."""
     only_red = tmp_path / "only-red"
     shutil.copytree(data_dir / "red", only_red / "red")
     capsys.readouterr()
@@ -333,8 +333,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data_dir, tmp_path,
 
 def test_resume_remembers_the_extended_epochs(data_dir, tmp_path, monkeypatch):
     """A run extended with `--resume RUN --epochs 4` and interrupted must finish its 4 epochs on a plain
-    `--resume RUN`. BUG: config.yaml is only written on a fresh start, so it still says 2 epochs and the
-    second resume silently does nothing."""
+    `--resume RUN`: the extension is written to config.yaml, so the second resume does not stop at 2 epochs."""
     run = tmp_path / "run"
     assert mae("pretrain", *CPU, "--data", data_dir, "--out", run, "--epochs", "2") == 0
     interrupt_after_checkpoint(monkeypatch, epochs_done=3)
@@ -347,8 +346,7 @@ def test_resume_remembers_the_extended_epochs(data_dir, tmp_path, monkeypatch):
 
 def test_resuming_an_early_stopped_run_trains_no_further(data_dir, tmp_path):
     """An uninterrupted run stopped after epoch 2; resuming it with the same settings must not add epochs.
-    BUG: fit restores the stopper but only checks it after training another epoch, so each plain
-    `--resume` of an early-stopped run trains one more epoch."""
+    The restored early stopper is consulted before training another epoch."""
     run = tmp_path / "run"
     args = ["--epochs", "10", "--patience", "1", "--min-delta", "1e9"]
     assert mae("pretrain", *CPU, "--data", data_dir, "--out", run, *args) == 0
@@ -367,9 +365,8 @@ def test_resume_without_checkpoint_exits_2(tmp_path, capsys):
 
 
 def test_same_seed_gives_same_weights_in_one_process(data_dir, tmp_path):
-    """`--seed` is documented to cover the weights. BUG: the model is built (initialised from the global RNG)
-    before engine.fit calls torch.manual_seed, so two runs with one seed in one process differ, and in fresh
-    processes the initial weights ignore --seed."""
+    """`--seed` covers the initial weights too: two runs with one seed in one process are identical, whatever
+    the global RNG did in between."""
     args = [*CPU, "--data", data_dir, "--epochs", "1", "--precision", "fp32", "--seed", "7"]
     assert mae("pretrain", *args, "--out", tmp_path / "a") == 0
     torch.rand(100)  # whatever ran before must not matter
