@@ -15,8 +15,6 @@ Design decisions:
   lets it save, and writes the hub's names, which transformers 4 and 5 both load.
 - Files we write carry our model description (a `mae_torch` entry or metadata, which the official code and
   timm ignore; preprocessor_config.json for transformers), so every round trip is exact.
-- Position tables: a sin-cos table is recognized by value and regenerated for a new grid (exact); a learned
-  one is resized bicubically by timm's `resample_abs_pos_embed`, the CLS row kept.
 """
 
 from __future__ import annotations
@@ -33,15 +31,13 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
 from .errors import MAEError
-from .ops import sincos_pos_embed
+from .resize import is_sincos
 from .runtime import save_weights
-from .tasks import build_mae, build_vit, load_encoder, load_weights, model_config_from
-from .vit import ViT
+from .tasks import build_mae, build_vit, load_weights, model_config_from
 
 FORMATS = ("official", "hf", "timm", "ours")
 HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H (timm, models_mae.py)
@@ -119,12 +115,6 @@ def hf_key(key: str) -> tuple[str, int | None] | None:
 
 
 # ---------------------------------------------------------------- what the tensors say
-
-
-def is_sincos(pos_embed: torch.Tensor) -> bool:
-    """Whether a (1, 1 + g*g, D) table is the fixed 2-D sin-cos one (up to fp16 storage rounding)."""
-    D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
-    return D % 4 == 0 and torch.allclose(pos_embed[0].float(), sincos_pos_embed(D, grid), atol=1e-3)
 
 
 def head_count(given: int | None, known: int | None, width: int, table: dict[int, int], flag: str) -> int:
@@ -384,40 +374,3 @@ def convert(src, src_format: str, dst, dst_format: str, num_heads: int | None = 
     if dst_format != "ours":
         build(w)  # every key and shape must fit our model, whatever the output (write_ours builds it anyway)
     return WRITERS[dst_format](w, dst)
-
-
-# ---------------------------------------------------------------- another image or patch size
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, kind: str | None = None) -> torch.Tensor:
-    """(1, 1 + g*g, D) -> (1, 1 + new_grid**2, D); kind "sincos" (regenerated), "learned" (bicubic, the CLS
-    row kept, as timm resizes its ViTs) or None: recognized from the values."""
-    D, grid = pos_embed.shape[-1], isqrt(pos_embed.shape[1] - 1)
-    kind = kind or ("sincos" if is_sincos(pos_embed) else "learned")
-    if kind == "sincos":
-        return sincos_pos_embed(D, new_grid).unsqueeze(0).to(pos_embed)
-    if kind != "learned":
-        raise ValueError(f"kind must be 'sincos', 'learned' or None, got {kind!r}")
-    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [grid, grid], num_prefix_tokens=1)
-
-
-def adapt_state(state: dict, img_size: int, patch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Weights fitted to another image size (and patch size): position tables resized, and for an encoder the
-    patch kernel resampled (FlexiViT's pseudo-inverse resize, timm's `resample_patch_embed`)."""
-    state, w = dict(state), state["patch_embed.proj.weight"]
-    p = patch_size or w.shape[-1]
-    if p != w.shape[-1]:
-        if "decoder_pred.weight" in state:
-            raise MAEError("a new patch size applies to an encoder only: the decoder predicts the old patches")
-        state["patch_embed.proj.weight"] = resample_patch_embed(w, [p, p])
-    for key in ("pos_embed", "decoder_pos_embed"):
-        if key in state:
-            state[key] = resize_pos_embed(state[key], img_size // p)
-    return state
-
-
-def load_encoder_for(vit: ViT, state: dict) -> None:
-    """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
-    official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
-    encoder = {k: v for k, v in state.items() if not k.startswith(DECODER)}  # an MAE's decoder stays behind
-    load_encoder(vit, adapt_state(encoder, vit.grid_size * vit.patch_size, vit.patch_size))

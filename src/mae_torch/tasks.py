@@ -31,6 +31,7 @@ from .engine import Task, evaluate, fit
 from .errors import MAEError
 from .mae import MaskedAutoencoder
 from .plots import save_reconstructions
+from .resize import adapt_state
 from .runtime import Normalizer, load_state, make_loader, resolve_device, resolve_precision
 from .vit import ViT
 from .viz import caption, reconstruction_grid
@@ -130,6 +131,14 @@ def load_encoder(vit: ViT, state: dict[str, torch.Tensor]) -> None:
         raise MAEError(f"pretrained weights do not fit this encoder: {'; '.join(shapes) or e}") from None
 
 
+def load_encoder_for(vit: ViT, state: dict) -> None:
+    """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
+    official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
+    decoder = ("decoder_", "mask_token")  # an MAE's decoder stays behind
+    encoder = {k: v for k, v in state.items() if not k.startswith(decoder)}
+    load_encoder(vit, adapt_state(encoder, vit.grid_size * vit.patch_size, vit.patch_size))
+
+
 def model_config_from(meta: dict) -> ModelConfig:
     return from_dict(ModelConfig, meta["model"])
 
@@ -199,7 +208,7 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """Train a classifier into run_dir, from scratch or from cfg.run.pretrained; returns the last metrics."""
     run_dir = start_run(run_dir, resume, overwrite)
     if cfg.run.pretrained and not resume:
-        from .convert import load_encoder_for, read  # convert builds on this module
+        from .convert import read  # convert builds on this module
 
         # ours, official, transformers or timm weights; heads the file does not state are this run's
         pretrained = read(
