@@ -37,12 +37,11 @@ from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
 from .errors import MAEError
 from .resize import is_sincos
 from .runtime import save_weights
-from .tasks import build_mae, build_vit, load_weights, model_config_from
+from .tasks import DECODER, build_mae, build_vit, load_weights, model_config_from
 
 FORMATS = ("official", "hf", "timm", "ours")
 HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H (timm, models_mae.py)
 DECODER_HEADS = {512: 16}  # the official decoder: 512 wide, 16 heads, for every model size
-DECODER = ("decoder_", "mask_token")  # our pretraining-only tensors
 
 # fmt: off
 # transformers' ViTMAE names (v4 and v5; "vit." prefix stripped) -> ours; `.weight` / `.bias` follow both.

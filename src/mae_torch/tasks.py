@@ -36,6 +36,7 @@ from .runtime import Normalizer, load_state, make_loader, resolve_device, resolv
 from .vit import ViT
 from .viz import caption, reconstruction_grid
 
+DECODER = ("decoder_", "mask_token")  # an MAE's pretraining-only tensors
 ENCODER_FIELDS = (  # img_size and patch_size stay the fine-tuning run's: positions are resized to them
     "in_chans",
     "embed_dim",
@@ -134,8 +135,7 @@ def load_encoder(vit: ViT, state: dict[str, torch.Tensor]) -> None:
 def load_encoder_for(vit: ViT, state: dict) -> None:
     """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
     official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
-    decoder = ("decoder_", "mask_token")  # an MAE's decoder stays behind
-    encoder = {k: v for k, v in state.items() if not k.startswith(decoder)}
+    encoder = {k: v for k, v in state.items() if not k.startswith(DECODER)}  # an MAE's decoder stays behind
     load_encoder(vit, adapt_state(encoder, vit.grid_size * vit.patch_size, vit.patch_size))
 
 
