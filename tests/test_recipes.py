@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae_torch.augment import Augment
+from mae_torch.augment import RA_GROUP, Augment
 from mae_torch.cli import main
 from mae_torch.data import TensorImages, label_subset
 from mae_torch.engine import param_groups
@@ -65,6 +65,16 @@ def test_augment_pipeline_keeps_shapes_and_changes_images():
     assert torch.equal(plain, norm(images))  # everything off: just normalization
     out = Augment((0.5, 1.0), True, randaugment=2, reprob=1.0)(images, norm)
     assert out.shape == plain.shape and out.dtype == torch.float32 and not torch.allclose(out, plain)
+
+
+def test_randaugment_draws_ops_per_group_of_images():
+    torch.manual_seed(0)
+    one = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    images = one.expand(8 * RA_GROUP, -1, -1, -1).contiguous()  # the same image everywhere
+    norm = Normalizer((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    groups = Augment(randaugment=2)(images, norm).split(RA_GROUP)
+    assert all(torch.equal(g, g[:1].expand_as(g)) for g in groups)  # one draw per group...
+    assert len({g[0].numpy().tobytes() for g in groups}) > 1  # ...and new draws for other groups
 
 
 def test_label_subsets_are_balanced_seeded_and_nested_in_the_data():
