@@ -6,6 +6,7 @@ everywhere (position tables, LayerNorms, mask token included), so a misplaced te
 """
 
 import argparse
+import json
 import os
 from dataclasses import asdict
 
@@ -19,6 +20,7 @@ from mae_torch.convert import (
     Weights,
     build,
     convert,
+    description,
     detect_format,
     load_pretrained,
     read,
@@ -159,6 +161,40 @@ def test_transformers_hub_names_and_v5_saves_read_alike(tmp_path):
     assert_same_weights(read_hf(hub, theirs.config.to_dict()), from_memory)
 
 
+def test_transformers_default_eps_is_kept(tmp_path):
+    """A ViTMAE with transformers' default layer_norm_eps (1e-12), through save_pretrained and our loader: the same
+    loss. Its embeddings are scaled down (LayerNorm inputs of small variance, as in a fresh model), where our
+    1e-6 would move the loss by ~1e-2."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTMAEConfig(**{k: v for k, v in HF_TINY.items() if k != "layer_norm_eps"})
+    assert config.layer_norm_eps == 1e-12
+    theirs = randomize(transformers.ViTMAEForPreTraining(config))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "embeddings" in name:
+                p.mul_(0.01)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    assert all(m.eps == 1e-12 for m in ours.modules() if isinstance(m, torch.nn.LayerNorm))
+    x, noise = torch.randn(3, 3, 16, 16), torch.rand(3, L)
+    with torch.no_grad():
+        loss, ref = ours(x, noise=noise).loss, theirs(pixel_values=x, noise=noise).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+
+
+def test_transformers_model_without_qkv_bias_converts():
+    transformers = pytest.importorskip("transformers")
+    theirs = randomize(transformers.ViTMAEForPreTraining(hf_config(qkv_bias=False)))
+    w = read_hf(theirs.state_dict(), theirs.config.to_dict())
+    assert w.model.qkv_bias is False and not any(k.endswith("qkv.bias") for k in w.state)
+    x, noise = torch.randn(3, 3, 16, 16), torch.rand(3, L)
+    with torch.no_grad():
+        loss, ref = build(w)(x, noise=noise).loss, theirs(pixel_values=x, noise=noise).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    # without a config the keys tell: no qkv bias tensors, no qkv bias
+    assert read_hf(theirs.state_dict(), num_heads=2, decoder_num_heads=2).model.qkv_bias is False
+
+
 # ---------------------------------------------------------------- parity with timm
 
 
@@ -231,6 +267,30 @@ def test_mae_round_trips_exactly(tmp_path, fmt):
     if fmt == "hf":  # transformers' files keep no class names (an MAE's are its pretraining data's)
         w = w._replace(classes=None)
     assert_same_weights(back, w)
+
+
+def test_norm_eps_and_qkv_bias_survive_transformers_round_trip(tmp_path):
+    pytest.importorskip("transformers")
+    w = tiny_mae_weights(norm_eps=1e-12, qkv_bias=False)
+    back = through(w, "hf", tmp_path)
+    assert (back.model.norm_eps, back.model.qkv_bias) == (1e-12, False)
+    assert_same_weights(back, w._replace(classes=None))
+    config = json.loads((tmp_path / "w-hf" / "config.json").read_text())  # what transformers builds from
+    assert (config["layer_norm_eps"], config["qkv_bias"]) == (1e-12, False)
+
+
+def test_old_metadata_without_new_keys_loads_with_defaults(tmp_path):
+    """Files written before norm_eps and qkv_bias existed: the defaults (their values then) apply; an unknown key
+    is still an error."""
+    w = tiny_mae_weights()
+    meta = description(w)
+    del meta["model"]["norm_eps"], meta["model"]["qkv_bias"]
+    save_file(w.state, str(tmp_path / "old.safetensors"), metadata={"mae_torch": json.dumps(meta)})
+    assert_same_weights(read_ours(tmp_path / "old.safetensors"), w)
+    meta["model"]["layer_scale"] = 1.0
+    save_file(w.state, str(tmp_path / "odd.safetensors"), metadata={"mae_torch": json.dumps(meta)})
+    with pytest.raises(MAEError, match="unknown key 'layer_scale'"):
+        read_ours(tmp_path / "odd.safetensors")
 
 
 @pytest.mark.parametrize("fmt", ["official", "timm"])

@@ -91,6 +91,26 @@ def test_vit_matches_timm(ours, theirs):
     torch.testing.assert_close(vit.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=0)
 
 
+def test_vit_without_qkv_bias_has_no_qkv_bias_keys_and_runs():
+    vit = ViT(**SMALL, num_classes=10, global_pool="avg", qkv_bias=False)
+    keys = set(vit.state_dict())
+    assert keys == set(ViT(**SMALL, num_classes=10, global_pool="avg").state_dict()) - {
+        f"blocks.{i}.attn.qkv.bias" for i in range(2)
+    }
+    VisionTransformer(**SMALL, num_classes=10, qkv_bias=False, global_pool="avg").load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_norm_eps_and_qkv_bias_reach_every_layer_of_the_mae():
+    mae = small_mae(norm_eps=1e-12, qkv_bias=False)
+    norms = [m for m in mae.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1 + 2 * 2 + 1 and all(m.eps == 1e-12 for m in norms)  # blocks, norm, decoder's
+    assert not any(k.endswith("qkv.bias") for k in mae.state_dict())
+    with torch.no_grad():
+        assert torch.isfinite(mae(torch.randn(2, 3, 16, 16)).loss)
+
+
 def test_mae_encoder_weights_load_into_a_vit():
     mae = small_mae()
     vit = ViT(**SMALL, num_classes=10, global_pool="cls")
@@ -344,11 +364,12 @@ def test_param_groups(pos):
     assert len(decay["params"]) == len(decay_names) and len(no_decay["params"]) == len(no_decay_names)
     assert not decay_names & no_decay_names
 
-    expected_decay = {n for n in params if n.endswith(".weight") and params[n].ndim >= 2}
+    expected_decay = {n for n in params if n.endswith((".weight", "_token")) and params[n].ndim >= 2}
     assert expected_decay >= {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"}
     assert decay_names == expected_decay
     positions = {"pos_embed", "decoder_pos_embed"}
-    expected_no_decay = {"cls_token", "mask_token"} | {n for n in params if n.endswith(".bias")}
+    assert {"cls_token", "mask_token"} <= decay_names  # as the official pretraining
+    expected_no_decay = {n for n in params if n.endswith(".bias")}
     expected_no_decay |= {n for n in params if "norm" in n and n.endswith(".weight")}
     if pos == "learned":
         expected_no_decay |= positions

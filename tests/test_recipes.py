@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mae_torch.augment import RA_GROUP, Augment
 from mae_torch.cli import main
+from mae_torch.config import IMAGENET_MEAN, IMAGENET_STD, resolve
 from mae_torch.data import TensorImages, label_subset
 from mae_torch.engine import param_groups
 from mae_torch.runtime import Normalizer
@@ -180,3 +181,71 @@ def test_pretraining_logs_knn_and_probes_run(data, tmp_path, capsys):
     )
     probe = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert probe["best_top1"] >= 0.75  # two colour classes: linearly separable even in a barely trained encoder
+    augmented = ["linprobe", *common, "--epochs", "30", "--batch-size", "32", "--blr", "20", "--augment"]
+    assert main([str(a) for a in augmented]) == 0  # LARS, a fresh crop + flip of every image each epoch
+    probe = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert probe["best_top1"] >= 0.75  # colour survives crops and flips
+
+
+# The published recipes, value by value: He et al. 2021, Appendix A.1 (Table 8: pretraining) and A.2 (Table 9:
+# end-to-end fine-tuning), and the official repository's PRETRAIN.md / FINETUNE.md (per-model epochs, blr,
+# layer decay, drop path). Written out here, apart from the preset files, so that a preset edited away from
+# the paper fails.
+PAPER_PRETRAIN = dict(
+    epochs=800,  # PRETRAIN.md (the paper's longest schedule is 1600)
+    batch_size=4096,
+    blr=1.5e-4,
+    min_lr=0.0,
+    weight_decay=0.05,
+    betas=(0.9, 0.95),
+    warmup_epochs=40,
+    crop_scale=(0.2, 1.0),
+    hflip=True,
+    randaugment=0,
+    mixup=0.0,
+    cutmix=0.0,
+    reprob=0.0,
+    label_smoothing=0.0,
+    layer_decay=1.0,
+)
+PAPER_FINETUNE = dict(
+    batch_size=1024,
+    min_lr=1e-6,
+    weight_decay=0.05,
+    betas=(0.9, 0.999),
+    warmup_epochs=5,
+    crop_scale=(0.08, 1.0),
+    hflip=True,
+    randaugment=2,
+    reprob=0.25,
+    mixup=0.8,
+    cutmix=1.0,
+    label_smoothing=0.1,
+)
+PAPER_MODELS = {  # width, depth, heads, patch; fine-tuning epochs, blr, layer decay, drop path
+    "imagenet-vit-base": (768, 12, 12, 16, 100, 5e-4, 0.65, 0.1),
+    "imagenet-vit-large": (1024, 24, 16, 16, 50, 1e-3, 0.75, 0.2),
+    "imagenet-vit-huge": (1280, 32, 16, 14, 50, 1e-3, 0.75, 0.3),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_MODELS))
+def test_imagenet_presets_are_the_published_recipes(preset):
+    width, depth, heads, patch, ft_epochs, ft_blr, layer_decay, drop_path = PAPER_MODELS[preset]
+    pre, ft = resolve("pretrain", preset), resolve("finetune", preset)
+    m = pre.model
+    assert (m.img_size, m.embed_dim, m.depth, m.num_heads, m.patch_size) == (224, width, depth, heads, patch)
+    assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads) == (512, 8, 16)
+    assert (m.mask_ratio, m.norm_pix_loss, m.pos_embed, m.global_pool) == (0.75, True, "sincos", "avg")
+    assert m.drop_path == drop_path and tuple(m.mean) == IMAGENET_MEAN and tuple(m.std) == IMAGENET_STD
+    for train, expected in [(pre.train, PAPER_PRETRAIN), (ft.train, PAPER_FINETUNE)]:
+        assert {k: getattr(train, k) for k in expected} == expected, preset
+    assert (ft.train.epochs, ft.train.blr, ft.train.layer_decay) == (ft_epochs, ft_blr, layer_decay)
+    assert pre.train.peak_lr == pytest.approx(2.4e-3) and ft.train.peak_lr == pytest.approx(ft_blr * 4)
+    assert pre.run.data == ft.run.data == ""  # no CIFAR default under an ImageNet model
+
+
+def test_an_imagenet_preset_without_data_is_a_one_line_error(tmp_path, capsys):
+    assert main(["pretrain", "--preset", "imagenet-vit-base", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass --data PATH" in err

@@ -54,7 +54,8 @@ class Augment:
 
     def __init__(self, crop_scale=(1.0, 1.0), hflip=False, randaugment=0, reprob=0.0, device="cpu"):
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
-        self.randaugment = RandAugment(num_ops=randaugment, magnitude=9) if randaugment else None
+        # magnitude 9 of 10 as timm's rand-m9 (the paper's, DeiT's); torchvision's default 31 bins would be 9/30
+        self.randaugment = RandAugment(randaugment, magnitude=9, num_magnitude_bins=11) if randaugment else None
         self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob else None
 
     def __call__(self, images: torch.Tensor, norm) -> torch.Tensor:

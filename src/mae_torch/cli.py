@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch-size", type=int, default=4096, help="probe batch (the paper: 16384)")
             p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr x batch / 256")
             p.add_argument("--optimizer", choices=["lars", "sgd"], default="lars", help="the paper: LARS")
+            p.add_argument(
+                "--augment",
+                action="store_true",
+                help="the paper's protocol: a new crop (0.08-1) + flip of every image each epoch, one encoder "
+                "pass per image per epoch (default: features computed once, fast on small data)",
+            )
 
     p = sub.add_parser(
         "bench",
@@ -292,7 +298,14 @@ def run(args: argparse.Namespace) -> int:
             result = features.knn(args.checkpoint, args.data, args.k, args.temperature, **common)
         else:
             result = features.linprobe(
-                args.checkpoint, args.data, args.epochs, args.batch_size, args.blr, args.optimizer, **common
+                args.checkpoint,
+                args.data,
+                args.epochs,
+                args.batch_size,
+                args.blr,
+                args.optimizer,
+                augment=args.augment,
+                **common,
             )
         print(json.dumps(result))
         return 0

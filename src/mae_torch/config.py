@@ -51,6 +51,8 @@ class ModelConfig:
     norm_pix_loss: bool = doc("predict per-patch normalized pixels (the paper's better target)", False)
     global_pool: str = doc("classifier pooling: cls token, or avg of patch tokens with fc_norm", "avg")
     drop_path: float = doc("classifier stochastic depth rate (fine-tuning)", 0.0)
+    norm_eps: float = doc("LayerNorm epsilon; the official MAE's 1e-6, transformers' ViTMAE default 1e-12", 1e-6)
+    qkv_bias: bool = doc("biases in the attention's query/key/value projection (the official MAE has them)", True)
     mean: tuple[float, ...] = doc("per-channel input mean used to normalize images", IMAGENET_MEAN)
     std: tuple[float, ...] = doc("per-channel input std used to normalize images", IMAGENET_STD)
 
@@ -77,6 +79,7 @@ class ModelConfig:
             f"mean and std need {self.in_chans} values (one per input channel)",
         )
         check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+        check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
 
 @dataclass
@@ -88,14 +91,18 @@ class TrainConfig:
     lr: float = doc("absolute learning rate; overrides blr when > 0", 0.0)
     min_lr: float = doc("learning rate at the end of the cosine schedule", 0.0)
     warmup_epochs: float = doc("linear warmup length in epochs, then cosine decay", 5.0)
-    weight_decay: float = doc("AdamW weight decay (not on biases, norms, positions or tokens)", 0.05)
+    weight_decay: float = doc(
+        "AdamW weight decay: not on biases, norms or positions, on the CLS and mask tokens only in pretraining "
+        "(as the official code)",
+        0.05,
+    )
     betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.999))
     label_smoothing: float = doc("label smoothing of the classification loss (fine-tuning)", 0.0)
     crop_scale: tuple[float, float] = doc(
         "random resized crop area range; 1 1 = off (paper pretraining: 0.2 1)", (1.0, 1.0)
     )
     hflip: bool = doc("random horizontal flips (the paper's pretraining uses them)", False)
-    randaugment: int = doc("RandAugment ops per image, magnitude 9 (paper fine-tuning: 2); 0 = off", 0)
+    randaugment: int = doc("RandAugment ops per image, magnitude 9 of 10 (paper fine-tuning: 2); 0 = off", 0)
     reprob: float = doc("random erasing probability (paper fine-tuning: 0.25)", 0.0)
     mixup: float = doc("mixup alpha (paper fine-tuning: 0.8); 0 = off", 0.0)
     cutmix: float = doc("cutmix alpha (paper fine-tuning: 1.0); 0 = off", 0.0)

@@ -81,7 +81,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float = 0.0)
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: no decay on biases, norms (1-D), position embeddings and tokens; frozen ones left out.
+    """AdamW groups: no decay on biases, norms (1-D) and the names in `model.no_weight_decay()` (positions; the
+    CLS token of a classifier, as the official fine-tuning); frozen ones left out.
 
     layer_decay < 1: timm's layer-wise lr decay (BEiT, the paper's fine-tuning): block i's lr is scaled by
     layer_decay^(depth - i), the embeddings' by layer_decay^(depth + 1); groups carry `lr_scale`."""

@@ -7,8 +7,11 @@ Design decisions:
 - k-NN is the weighted cosine vote of DINO (Caron et al. 2021): the k most similar training features vote
   with weight exp(similarity / T). It needs no training, so it also serves as a label-light monitor of
   pretraining (`--knn-every`).
-- The linear probe follows the paper (Appendix A.3): BatchNorm without affine before a linear head, LARS (or
-  SGD with momentum), lr = blr x batch / 256 with warmup and cosine decay, no weight decay.
+- The linear probe follows the paper (Appendix A.3): BatchNorm without affine before a linear head, LARS as
+  the official code has it (lars.py; or SGD with momentum), lr = blr x batch / 256 with warmup and cosine
+  decay, no weight decay. By default it trains on features computed once (seconds for small data);
+  `augment=True` is the paper's protocol: the frozen encoder sees a new random resized crop (0.08-1) and flip
+  of every training image in every epoch, at the cost of an encoder pass per image per epoch.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.optim import Lars
 from torch import nn
 from torch.utils.data import Dataset
 
+from .augment import Augment
 from .data import build_datasets, build_eval_dataset
 from .engine import lr_at
 from .errors import MAEError
+from .lars import LARS
+from .memdata import DeviceBatches, in_memory
 from .runtime import Normalizer, autocast, load_state, make_loader, resolve_device, resolve_precision
 from .tasks import build_mae, build_vit, load_weights, model_config_from
 from .vit import ViT
@@ -63,11 +68,9 @@ def extract(
     return torch.cat(feats), torch.cat(labels)
 
 
-def split_features(
-    checkpoint: str, data: str, pool, data_root: str, val_fraction: float, seed: int, device: str, num_workers: int
-):
-    """Frozen features of the labeled training and validation splits (the carve training uses), class names,
-    and the device: ((train_x, train_y), (val_x, val_y), classes, device)."""
+def frozen_splits(checkpoint: str, data: str, data_root: str, val_fraction: float, seed: int, device: str):
+    """The frozen model, the labeled training and validation splits (the carve training uses), class names and
+    the device."""
     dev = resolve_device(device)
     model = load_frozen(checkpoint, dev)
     m = model.cfg
@@ -80,12 +83,39 @@ def split_features(
         seed=seed,
         need_labels=True,
     )
+    return model, train, val, classes, dev
+
+
+def split_features(
+    checkpoint: str, data: str, pool, data_root: str, val_fraction: float, seed: int, device: str, num_workers: int
+):
+    """Frozen features of the labeled training and validation splits, class names, and the device:
+    ((train_x, train_y), (val_x, val_y), classes, device)."""
+    model, train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
     return (
         extract(model, train, dev, pool, num_workers=num_workers),
         extract(model, val, dev, pool, num_workers=num_workers),
         classes,
         dev,
     )
+
+
+def augmented_features(model: ViT, train: Dataset, dev: torch.device, pool, num_workers: int):
+    """(features(idx) -> (x, y) of a fresh crop + flip of those training images, number of images), for the
+    paper's probe protocol; the images are held as uint8 on the device, like training's."""
+    images = in_memory(train, dev, num_workers)
+    if images is None:
+        raise MAEError("linprobe --augment needs the training images to fit in memory; drop --augment")
+    batches = DeviceBatches(images, dev)
+    aug, norm = Augment((0.08, 1.0), True), Normalizer(model.cfg.mean, model.cfg.std, dev)
+    precision = resolve_precision("auto", dev)
+
+    @torch.no_grad()
+    def features(idx: torch.Tensor):
+        with autocast(dev, precision):
+            return model.encode(aug(batches.images[idx], norm), pool).float(), batches.labels[idx]
+
+    return features, len(batches)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
@@ -133,36 +163,39 @@ def linprobe(
     seed: int = 0,
     device: str = "auto",
     num_workers: int = 2,
+    augment: bool = False,
     log=print,
 ) -> dict:
     """Train BatchNorm(affine=False) + linear on frozen features; returns the validation top-1 per epoch."""
-    (tx, ty), (vx, vy), classes, dev = split_features(
-        checkpoint, data, pool, data_root, val_fraction, seed, device, num_workers
-    )
+    if optimizer not in ("lars", "sgd"):
+        raise MAEError(f"optimizer must be lars or sgd, not {optimizer}")
+    model, train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
+    vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
+    if augment:
+        features, n = augmented_features(model, train, dev, pool, num_workers)
+    else:
+        tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
+        features, n = (lambda idx: (tx[idx], ty[idx])), len(tx)
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(tx.shape[1], affine=False, eps=1e-6), nn.Linear(tx.shape[1], len(classes)))
+    head = nn.Sequential(nn.BatchNorm1d(vx.shape[1], affine=False, eps=1e-6), nn.Linear(vx.shape[1], len(classes)))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     head.to(dev)
-    batch = min(batch_size, len(tx))
+    batch = min(batch_size, n)
     lr = blr * batch / 256
-    if optimizer == "lars":
-        opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    else:
-        raise MAEError(f"optimizer must be lars or sgd, not {optimizer}")
-    steps = len(tx) // batch
-    total, warmup = epochs * steps, min(10, epochs // 10) * steps
+    kind = LARS if optimizer == "lars" else torch.optim.SGD
+    opt = kind(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps = n // batch
+    total, warmup = epochs * steps, min(10, epochs // 9) * steps  # the paper: 10 warmup epochs of 90
     history = []
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         head.train()
-        order = torch.randperm(len(tx), generator=g)[: steps * batch].to(dev)
+        order = torch.randperm(n, generator=g)[: steps * batch].to(dev)
         for s in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + s, total, warmup, lr)
-            idx = order[s * batch : (s + 1) * batch]
-            loss = F.cross_entropy(head(tx[idx]), ty[idx])
+            x, y = features(order[s * batch : (s + 1) * batch])
+            loss = F.cross_entropy(head(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

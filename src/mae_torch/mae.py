@@ -17,13 +17,14 @@ Legend: B batch, L patches, K kept patches, D encoder width, E decoder width, P 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .ops import masked_mse, norm_patches, patchify, random_masking
-from .vit import LayerNorm, ViT, init_pos_embed, init_weights
+from .vit import ViT, init_pos_embed, init_weights
 
 
 @dataclass
@@ -49,18 +50,21 @@ class MaskedAutoencoder(ViT):
         decoder_num_heads: int = 16,
         norm_pix_loss: bool = False,
         mask_ratio: float = 0.75,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, pos_embed)
+        encoder = (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, pos_embed)
+        super().__init__(*encoder, norm_eps=norm_eps, qkv_bias=qkv_bias)
         self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
-        num_patches = self.patch_embed.num_patches
+        num_patches, norm_layer = self.patch_embed.num_patches, partial(nn.LayerNorm, eps=norm_eps)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
             for _ in range(decoder_depth)
         )
-        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
 
         init_pos_embed(self.decoder_pos_embed, pos_embed, self.grid_size)
@@ -69,7 +73,9 @@ class MaskedAutoencoder(ViT):
             module.apply(init_weights)
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+        """As the official pretraining (timm's add_weight_decay without a skip list): the CLS and mask tokens
+        are decayed, learned positions are not (sin-cos ones are frozen); biases and norms are 1-D."""
+        return {"pos_embed", "decoder_pos_embed"}
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None

@@ -46,6 +46,8 @@ ENCODER_FIELDS = (  # img_size and patch_size stay the fine-tuning run's: positi
     "pos_embed",
     "mean",
     "std",
+    "norm_eps",
+    "qkv_bias",
 )  # what a fine-tuned model inherits from its pretrained encoder
 
 
@@ -64,6 +66,8 @@ def build_mae(m: ModelConfig) -> MaskedAutoencoder:
         m.decoder_num_heads,
         m.norm_pix_loss,
         m.mask_ratio,
+        m.norm_eps,
+        m.qkv_bias,
     )
 
 
@@ -80,6 +84,8 @@ def build_vit(m: ModelConfig, num_classes: int) -> ViT:
         num_classes,
         m.global_pool,
         m.drop_path,
+        m.norm_eps,
+        m.qkv_bias,
     )
 
 
@@ -263,6 +269,8 @@ def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_
 
 def data_args(cfg: Config) -> dict:
     r, m = cfg.run, cfg.model
+    if not r.data:  # the ImageNet presets name no data set: CIFAR would silently train a 224-pixel model on it
+        raise MAEError("no data given: this preset has no default data set; pass --data PATH (a folder of images)")
     return dict(
         data=r.data,
         data_root=r.data_root or None,

@@ -6,7 +6,9 @@ Design decisions:
 - Parameter names are those of timm and of the official MAE checkpoints (`patch_embed.proj`, `cls_token`,
   `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fc_norm`, `head`),
   so weights load with `strict=True`. The blocks are timm's `Block` (attention through
-  `scaled_dot_product_attention`), with the official MAE settings: qkv bias, LayerNorm eps 1e-6.
+  `scaled_dot_product_attention`), by default with the official MAE settings: qkv bias, LayerNorm eps 1e-6.
+  `norm_eps` and `qkv_bias` take imported weights' own (transformers' ViTMAE defaults to eps 1e-12), so their
+  numbers stay theirs; without qkv bias the state dict has no `attn.qkv.bias` keys, as in timm.
 - Position embeddings are a fixed 2-D sin-cos table by default (the paper), stored as a frozen parameter as
   in the official code so checkpoints carry it; `pos_embed="learned"` makes it trainable (the starting
   project's choice).
@@ -29,8 +31,6 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .ops import sincos_pos_embed
-
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def init_pos_embed(param: nn.Parameter, kind: str, grid: int) -> None:
@@ -78,6 +78,8 @@ class ViT(nn.Module):
         num_classes: int = 0,
         global_pool: str = "cls",
         drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
     ):
         super().__init__()
         if global_pool not in ("cls", "avg"):
@@ -89,11 +91,12 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=r) for r in rates
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer, drop_path=r) for r in rates
         )
-        self.norm = LayerNorm(embed_dim) if global_pool == "cls" else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim) if global_pool == "avg" else nn.Identity()
+        self.norm = norm_layer(embed_dim) if global_pool == "cls" else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
 
         init_pos_embed(self.pos_embed, pos_embed, self.grid_size)
