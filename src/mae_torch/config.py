@@ -55,6 +55,10 @@ class ModelConfig:
     qkv_bias: bool = doc("biases in the attention's query/key/value projection (the official MAE has them)", True)
     mean: tuple[float, ...] = doc("per-channel input mean used to normalize images", IMAGENET_MEAN)
     std: tuple[float, ...] = doc("per-channel input std used to normalize images", IMAGENET_STD)
+    crop_pct: float = doc(
+        "evaluation: images of another size are resized to img_size / crop_pct (shorter side), then centre-cropped",
+        0.875,
+    )
 
     def validate(self) -> None:
         check(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
@@ -79,6 +83,7 @@ class ModelConfig:
             f"mean and std need {self.in_chans} values (one per input channel)",
         )
         check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+        check(0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
         check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
 

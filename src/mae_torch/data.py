@@ -13,7 +13,9 @@ Design decisions:
 - CIFAR lives in memory as one uint8 tensor (150 MB for 50k images at 32x32), resized once up front.
 """
 
+import copy
 import os
+import sys
 
 import numpy as np
 import torch
@@ -31,37 +33,72 @@ _CIFAR = {
 
 
 class ImageFiles(Dataset):
-    """Images read lazily from files: item i -> (uint8 tensor (C, H, W), label int; -1 when unlabeled)."""
+    """Images read lazily from files: item i -> (uint8 tensor (C, H, W), label int; -1 when unlabeled).
 
-    def __init__(self, paths: list[str], labels: list[int] | None, img_size: int, in_chans: int = 3):
+    Without a `transform`, an image of another size keeps its aspect ratio: its shorter side is resized
+    (bicubic) to img_size / crop_pct and the centre img_size square is cut out (crop_pct 1: the largest
+    centred square; ImageNet evaluation: 0.875). A `transform` (PIL -> PIL of img_size square) replaces that,
+    e.g. the streaming path's random resized crop of the original image. A file that does not decode is an
+    error naming it, or with `skip_bad` is replaced by the next readable file and counted in `skipped`
+    (shared with DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int] | None,
+        img_size: int,
+        in_chans: int = 3,
+        crop_pct: float = 1.0,
+        transform=None,
+        skip_bad: bool = False,
+    ):
         if labels is not None and len(labels) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels, self.img_size = list(paths), labels, img_size
-        self.mode = {3: "RGB", 1: "L"}[in_chans]
+        self.in_chans, self.mode = in_chans, {3: "RGB", 1: "L"}[in_chans]
+        self.crop_pct, self.transform, self.skip_bad = crop_pct, transform, skip_bad
+        self.skipped = torch.zeros((), dtype=torch.long).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                if im.mode == "P" and "transparency" in im.info:
-                    im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-                if im.mode.startswith("I"):  # 16-bit (or 32-bit) greyscale: PIL's convert would clip at 255
-                    wide = np.asarray(im, dtype=np.float64)
-                    im = Image.fromarray(
-                        (wide * 255 / max(wide.max(), 1) if wide.max() > 255 else wide).astype(np.uint8)
-                    )
-                im = im.convert(self.mode)
-                if im.size != (self.img_size, self.img_size):
-                    im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
-                arr = np.array(im, dtype=np.uint8)  # (H, W, C) or (H, W) for "L"
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt files
-            raise MAEError(f"cannot read image {path}: {_short(e)}; remove or replace it") from e
+        for j in range(i, i + len(self.paths)):  # the next readable file stands in for a bad one (skip_bad)
+            path = self.paths[j % len(self.paths)]
+            try:
+                im = self.decode(path)
+                break
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt files
+                if not self.skip_bad:
+                    raise MAEError(f"cannot read image {path}: {_short(e)}; remove or replace it") from e
+                self.skipped += 1
+                print(f"warning: skipped unreadable image {path}: {_short(e)}", file=sys.stderr)
+        else:
+            raise MAEError(f"no image of the {len(self.paths)} in this split decodes; check the data")
+        arr = np.array(im, dtype=np.uint8)  # (H, W, C) or (H, W) for "L"
         x = torch.from_numpy(arr)
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
-        return x, -1 if self.labels is None else int(self.labels[i])
+        return x, -1 if self.labels is None else int(self.labels[j % len(self.paths)])
+
+    def decode(self, path: str) -> Image.Image:
+        with Image.open(path) as im:
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit) greyscale: PIL's convert would clip at 255
+                wide = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray((wide * 255 / max(wide.max(), 1) if wide.max() > 255 else wide).astype(np.uint8))
+            im = im.convert(self.mode)
+        if self.transform is not None:
+            return self.transform(im)
+        s = self.img_size
+        if im.size == (s, s):
+            return im
+        w, h = im.size
+        scale = s / self.crop_pct / min(w, h)
+        im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        return im.crop((left, top, left + s, top + s))
 
 
 class TensorImages(Dataset):
@@ -93,6 +130,22 @@ class _Split(Subset):
             self.labels = [parent[i] for i in indices]
 
 
+def files_of(ds: Dataset) -> ImageFiles | None:
+    """The ImageFiles under a split (or the dataset itself), else None."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    return base if isinstance(base, ImageFiles) else None
+
+
+def with_files(ds: Dataset, **settings) -> Dataset:
+    """The same split of a copy of its ImageFiles with other settings (transform, crop_pct) and its own count
+    of skipped files: the training and validation splits of one folder decode differently when streaming."""
+    files = copy.copy(files_of(ds))
+    for k, v in settings.items():
+        setattr(files, k, v)
+    files.skipped = torch.zeros((), dtype=torch.long).share_memory_()
+    return _Split(files, ds.indices) if isinstance(ds, Subset) else files
+
+
 def list_images(paths: list[str]) -> list[str]:
     """Image files named directly or found (recursively, sorted) in the named folders."""
     found: list[str] = []
@@ -114,22 +167,6 @@ def default_data_root() -> str:
     return os.path.join(cache, "mae-torch", "data")
 
 
-def readable(paths: list[str], labels: list[int] | None, where: str) -> tuple[list[str], list[int] | None]:
-    """Drop the files that do not decode (corrupt, truncated), saying how many and which was first."""
-    keep = []
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                im.load()  # a full decode: truncated files pass Image.open
-            keep.append(i)
-        except (OSError, ValueError, SyntaxError):
-            pass
-    if len(keep) < len(paths):
-        first = next(p for i, p in enumerate(paths) if i not in set(keep))
-        print(f"warning: skipped {len(paths) - len(keep)} unreadable images in {where} (first: {first})")
-    return [paths[i] for i in keep], None if labels is None else [labels[i] for i in keep]
-
-
 def build_datasets(
     data: str,
     *,
@@ -143,7 +180,8 @@ def build_datasets(
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """Train and validation splits of `data` and its class names (None for an unlabeled set).
 
-    skip_bad: drop images that do not decode (with a warning and a count) instead of failing on the first."""
+    skip_bad: an image that does not decode is replaced by the next readable one, with a warning and a count,
+    where it is read (nothing is decoded here: listing 1.28M files is the whole start-up cost)."""
     if not 0 <= val_fraction < 1:
         raise MAEError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
     if data.lower() in _CIFAR:
@@ -158,18 +196,14 @@ def build_datasets(
                 raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
         train_root = path
     paths, labels, classes = _scan(train_root)
-    if skip_bad:
-        paths, labels = readable(paths, labels, train_root)
     if need_labels:
         _require_labels(train_root, classes)
-    train = ImageFiles(paths, labels, img_size, in_chans)
+    train = ImageFiles(paths, labels, img_size, in_chans, skip_bad=skip_bad)
 
     val_root = os.path.join(path, "val")
     if train_root == path or not os.path.isdir(val_root):
         return (*_carve(train, val_fraction, seed, train_root), classes)
     val_paths, val_labels, val_classes = _scan(val_root)
-    if skip_bad:
-        val_paths, val_labels = readable(val_paths, val_labels, val_root)
     if classes is None:
         val_labels = None  # an unlabeled train set makes the whole run unlabeled
     elif val_classes != classes:
@@ -179,20 +213,21 @@ def build_datasets(
             f"class folders of {val_root} differ from {train_root}: missing in val {missing}, "
             f"only in val {extra}; give val/ the same <class>/ subfolders as train/"
         )
-    return train, ImageFiles(val_paths, val_labels, img_size, in_chans), classes
+    return train, ImageFiles(val_paths, val_labels, img_size, in_chans, skip_bad=skip_bad), classes
 
 
 def build_eval_dataset(
-    data: str, *, data_root: str | None, img_size: int, in_chans: int = 3
+    data: str, *, data_root: str | None, img_size: int, in_chans: int = 3, crop_pct: float = 1.0
 ) -> tuple[Dataset, list[str]]:
-    """The labeled split to evaluate on (CIFAR's test split, or a folder) and its class names."""
+    """The labeled split to evaluate on (CIFAR's test split, or a folder) and its class names; folder images
+    of another size are resized to img_size / crop_pct (shorter side) and centre-cropped."""
     if data.lower() in _CIFAR:
         return _cifar(data.lower(), data_root, False, img_size, in_chans)
     path = _check_folder(data)
     root = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), path)
     paths, labels, classes = _scan(root)
     _require_labels(root, classes, min_classes=1)  # evaluating on a subset of the classes is fine
-    return ImageFiles(paths, labels, img_size, in_chans), classes
+    return ImageFiles(paths, labels, img_size, in_chans, crop_pct), classes
 
 
 def _short(e: BaseException) -> str:

@@ -38,18 +38,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
-from .augment import Augment
 from .config import Config
+from .datapath import DataPath
 from .dist import Dist, setup
 from .errors import MAEError
 from .log import RunLogger, fmt_time
-from .memdata import DeviceBatches, in_memory
 from .runtime import (
     Normalizer,
     atomic_write,
     autocast,
     load_state,
-    make_loader,
     resolve_attention,
     resolve_device,
     resolve_precision,
@@ -203,7 +201,6 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     judged = ema.module if ema else model
     stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
     norm = Normalizer(cfg.model.mean, cfg.model.std, device)
-    aug = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device)
     logger = RunLogger(run_dir, active=group.main)
     if group.main:
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
@@ -239,15 +236,12 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     else:
         torch.manual_seed(rc.seed + group.rank)
 
-    train_mem = in_memory(train_ds, device, rc.num_workers) if rc.in_memory else None
-    val_mem = in_memory(val_ds, device, rc.num_workers) if train_mem is not None else None
-    train_dev = DeviceBatches(train_mem, device) if train_mem is not None else None
-    val_dev = DeviceBatches(val_mem, device) if val_mem is not None else None
+    data = DataPath(train_ds, val_ds, cfg.model, tc, device, rc.num_workers, rc.in_memory)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(
         f"{cfg.command}: {len(train_ds)} train / {len(val_ds)} val images | {n_params / 1e6:.2f}M parameters | "
         f"device {device}{f' x {group.world} processes' if group.world > 1 else ''}, precision {precision}, "
-        f"attention {attention}, data {'as uint8 tensors on the device' if train_dev else 'by DataLoader'}\n"
+        f"attention {attention}, data {data.describe}\n"
         f"  batch {tc.batch_size} = {group.world} x {tc.micro_batch} x {accum} accumulation | "
         f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {steps_per_epoch} steps/epoch, "
         f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"
@@ -292,94 +286,91 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     metrics: dict = {}
     step_time = None  # moving average of seconds per optimizer step, for the run ETA
     micro_steps = steps_per_epoch * accum
-    for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size]
-        order = order.view(steps_per_epoch, group.world, per_rank)[:, group.rank].flatten()  # this process's
-        order = order[done * per_rank :]  # skip what a resumed run already did
-        if train_dev:
-            loader = train_dev.batches(order, tc.micro_batch)
-        else:
-            loader = make_loader(train_ds, tc.micro_batch, rc.num_workers, device, order.tolist(), drop_last=True)
-        loss_sum = torch.tensor(carried, device=device)  # sum of micro-batch losses this epoch
-        carried = 0.0
-        bar = tqdm(
-            loader,
-            total=(steps_per_epoch - done) * accum,
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not logger.interactive,
-        )
-        t_epoch = t_step = time.perf_counter()
-        epoch_start_step = step
-        for i, (images, labels) in enumerate(bar):
-            last = (i + 1) % accum == 0
-            with ddp.no_sync() if group.world > 1 and not last else nullcontext():
-                with autocast(device, precision):
-                    x = aug(images, norm)
-                    loss = task.train_loss(forward, x, labels.to(device, non_blocking=True)).float()
-                scaler.scale(loss / accum).backward()
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach(), 0.0)
-            n_bad += (~finite).long()
-            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
-            if not last:
-                continue
-            lr = lr_at(step, total_steps, warmup_steps, tc.peak_lr, tc.min_lr)
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr * group_.get("lr_scale", 1.0)
-            scaler.step(optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                ema.update(model, step)
-            step, done = step + 1, done + 1
-            now = time.perf_counter()
-            dt, t_step = now - t_step, now
-            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-            if step % SYNC_EVERY == 0:
-                check_finite()
-                if logger.interactive:
-                    bar.set_postfix(
-                        loss=f"{loss.item():.4f}",
-                        lr=f"{lr:.2e}",
-                        img_s=f"{tc.batch_size / step_time:.0f}",
-                        run_eta=fmt_time((total_steps - step) * step_time),
-                    )
-            if rc.save_every and step % rc.save_every == 0 and done < steps_per_epoch:
-                save(epoch, done, loss_sum)
-        epoch_time = time.perf_counter() - t_epoch
-        bar.close()
-        check_finite()
-        if val_dev:
-            batches = val_dev.batches(val_share, tc.micro_batch, drop_last=False)
-        else:
-            batches = make_loader(val_ds, tc.micro_batch, rc.num_workers, device, val_share.tolist())
-        val = evaluate(task, batches, norm, precision, rc.seed, group, judged)
-        metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": group.sum_(loss_sum.clone()).item() / (micro_steps * group.world),
-            **{f"val_{k}": v for k, v in val.items() if k != "n"},
-            "lr": lr_at(step - 1, total_steps, warmup_steps, tc.peak_lr, tc.min_lr),
-            "img_per_s": (step - epoch_start_step) * tc.batch_size / epoch_time,
-            "epoch_time_s": epoch_time,
-        }
-        improved = stopper.update(metrics[tc.monitor])
-        metrics["best"] = improved
-        if group.main and task.on_epoch_end:
-            metrics.update(task.on_epoch_end(epoch, logger) or {})  # e.g. a k-NN accuracy
-        logger.epoch(metrics, eta_s=(tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0))
-        if group.main:
-            if improved:
-                save_weights(judged, task.meta, run_dir / "best.safetensors")
-            save_weights(judged, task.meta, run_dir / "model.safetensors")
-        save(epoch, steps_per_epoch, loss_sum)
-        done = 0
-        if stopper.should_stop:
-            logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
-            break
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            model.train()
+            g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size]
+            order = order.view(steps_per_epoch, group.world, per_rank)[:, group.rank].flatten()  # this process's
+            order = order[done * per_rank :]  # skip what a resumed run already did
+            loader = data.train_batches(order, tc.micro_batch)
+            loss_sum = torch.tensor(carried, device=device)  # sum of micro-batch losses this epoch
+            carried = 0.0
+            bar = tqdm(
+                loader,
+                total=(steps_per_epoch - done) * accum,
+                desc=f"epoch {epoch + 1}/{tc.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                disable=not logger.interactive,
+            )
+            t_epoch = t_step = time.perf_counter()
+            epoch_start_step = step
+            for i, (images, labels) in enumerate(bar):
+                last = (i + 1) % accum == 0
+                with ddp.no_sync() if group.world > 1 and not last else nullcontext():
+                    with autocast(device, precision):
+                        x = data.augment(images, norm)
+                        loss = task.train_loss(forward, x, labels.to(device, non_blocking=True)).float()
+                    scaler.scale(loss / accum).backward()
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach(), 0.0)
+                n_bad += (~finite).long()
+                first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+                if not last:
+                    continue
+                lr = lr_at(step, total_steps, warmup_steps, tc.peak_lr, tc.min_lr)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = lr * group_.get("lr_scale", 1.0)
+                scaler.step(optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(model, step)
+                step, done = step + 1, done + 1
+                now = time.perf_counter()
+                dt, t_step = now - t_step, now
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+                if step % SYNC_EVERY == 0:
+                    check_finite()
+                    if logger.interactive:
+                        bar.set_postfix(
+                            loss=f"{loss.item():.4f}",
+                            lr=f"{lr:.2e}",
+                            img_s=f"{tc.batch_size / step_time:.0f}",
+                            run_eta=fmt_time((total_steps - step) * step_time),
+                        )
+                if rc.save_every and step % rc.save_every == 0 and done < steps_per_epoch:
+                    save(epoch, done, loss_sum)
+            epoch_time = time.perf_counter() - t_epoch
+            bar.close()
+            check_finite()
+            val = evaluate(task, data.val_batches(val_share, tc.micro_batch), norm, precision, rc.seed, group, judged)
+            metrics = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": group.sum_(loss_sum.clone()).item() / (micro_steps * group.world),
+                **{f"val_{k}": v for k, v in val.items() if k != "n"},
+                "lr": lr_at(step - 1, total_steps, warmup_steps, tc.peak_lr, tc.min_lr),
+                "img_per_s": (step - epoch_start_step) * tc.batch_size / epoch_time,
+                "epoch_time_s": epoch_time,
+                **({"skipped_images": data.skipped()} if rc.skip_bad_images else {}),
+            }
+            improved = stopper.update(metrics[tc.monitor])
+            metrics["best"] = improved
+            if group.main and task.on_epoch_end:
+                metrics.update(task.on_epoch_end(epoch, logger) or {})  # e.g. a k-NN accuracy
+            logger.epoch(metrics, eta_s=(tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0))
+            if group.main:
+                if improved:
+                    save_weights(judged, task.meta, run_dir / "best.safetensors")
+                save_weights(judged, task.meta, run_dir / "model.safetensors")
+            save(epoch, steps_per_epoch, loss_sum)
+            done = 0
+            if stopper.should_stop:
+                logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
+                break
+    finally:
+        data.close()  # DataLoader workers end with the run, also when it fails
     logger.close()
     return metrics

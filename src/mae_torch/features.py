@@ -232,7 +232,9 @@ def embed(
             data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, val_fraction=0.0
         )
     elif split == "eval":
-        ds, classes = build_eval_dataset(data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans)
+        ds, classes = build_eval_dataset(
+            data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, crop_pct=m.crop_pct
+        )
     else:
         raise MAEError(f"split must be train or eval, not {split}")
     feats, labels = extract(model, ds, dev, pool, batch_size, num_workers)

@@ -5,8 +5,9 @@ Design decisions:
   on the GPU when training there: a batch is one index operation, so the device never waits on PIL or on
   DataLoader workers. Larger data (ImageNet) keeps the DataLoader path (workers, pinned memory).
 - Folders are decoded once and cached as safetensors (no pickle) in `.mae-cache/` beside the images, or in
-  ~/.cache/mae-torch/tensors when that folder is read-only. The cache key hashes every file's path and
-  bytes plus the decode settings, so editing, adding or removing an image makes a new cache.
+  ~/.cache/mae-torch/tensors when that folder is read-only. The cache key hashes every file's path, size and
+  modification time plus the decode settings (no file is read for it), so editing, adding or removing an
+  image makes a new cache.
 """
 
 from __future__ import annotations
@@ -42,17 +43,23 @@ def in_memory(ds: Dataset, device: torch.device, num_workers: int = 0) -> Tensor
 
 
 def cache_path(ds: ImageFiles) -> Path:
-    h = hashlib.sha1(json.dumps([ds.img_size, ds.mode, ds.paths]).encode())
-    for p in ds.paths:  # the files' bytes: 50k CIFAR JPEGs (54 MB) hash in about a second
-        with open(p, "rb") as f:
-            h.update(f.read())
-    key = h.hexdigest()[:16]
+    """Where the decoded tensor of `ds` is cached: the key is every file's path, size and modification time
+    and the decode settings (one stat per file, computed once per dataset), so editing, adding or removing an
+    image makes a new cache."""
+    h = hashlib.sha1(json.dumps([ds.img_size, ds.mode, ds.crop_pct, ds.paths]).encode())
+    for p in ds.paths:
+        st = os.stat(p)
+        h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+    return cache_folder(ds) / f"{h.hexdigest()[:16]}.safetensors"
+
+
+def cache_folder(ds: ImageFiles) -> Path:
     beside = Path(os.path.commonpath([os.path.dirname(p) for p in ds.paths])) / ".mae-cache"
     for folder in (beside, Path(default_data_root()).parent / "tensors"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
-                return folder / f"{key}.safetensors"
+                return folder
         except OSError:
             continue
     raise OSError("no writable cache folder")
@@ -61,6 +68,13 @@ def cache_path(ds: ImageFiles) -> Path:
 def decode_cached(ds: ImageFiles, num_workers: int = 0) -> TensorImages:
     """Decode every image of `ds` once (in parallel workers), or read the cached result."""
     path = cache_path(ds)
+    held = getattr(ds, "decoded", None)
+    if held is None or held[0] != path:  # the training and validation splits share one decode
+        ds.decoded = path, read_or_decode(ds, path, num_workers)
+    return ds.decoded[1]
+
+
+def read_or_decode(ds: ImageFiles, path: Path, num_workers: int) -> TensorImages:
     if path.exists():
         t = load_file(str(path))
         return TensorImages(t["images"], t["labels"] if ds.labels is not None else None)

@@ -304,7 +304,9 @@ def evaluate_checkpoint(
     m = model_config_from(meta)
     model = build_vit(m, len(meta["classes"]))
     load_state(model, state, str(checkpoint))
-    ds, classes = build_eval_dataset(data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans)
+    ds, classes = build_eval_dataset(
+        data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, crop_pct=m.crop_pct
+    )
     unknown = sorted(set(classes) - set(meta["classes"]))
     if unknown:
         raise MAEError(f"classes {unknown} of {data} are not among the checkpoint's {meta['classes']}")

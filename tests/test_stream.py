@@ -1,0 +1,91 @@
+"""The streaming path: decoding and augmentation in DataLoader workers from the original image, no squashed
+images anywhere, unreadable files found where they are read (stop with the name, or skip and count)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_torch.cli import main
+from mae_torch.config import resolve
+from mae_torch.data import ImageFiles
+from mae_torch.datapath import train_transform
+
+
+@pytest.fixture
+def wide(tmp_path):
+    """Two classes of 48x24 images (wider than tall), 12 each."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(12):
+            img = (rng.random((24, 48, 3)) * 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / c / f"{i:02d}.png")
+    return tmp_path / "data"
+
+
+def stripes(path) -> str:
+    """32x16: red outer quarters, a blue middle half."""
+    img = np.zeros((16, 32, 3), np.uint8)
+    img[:, :8, 0] = img[:, 24:, 0] = 255
+    img[:, 8:24, 2] = 255
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def test_images_keep_their_aspect_ratio(tmp_path):
+    x, _ = ImageFiles([stripes(tmp_path / "s.png")], None, img_size=16)[0]
+    assert x.shape == (3, 16, 16) and int(x[0].max()) == 0 and int(x[2].min()) == 255  # the centre, not squashed
+    x, _ = ImageFiles([stripes(tmp_path / "s.png")], None, img_size=14, crop_pct=0.875)[0]  # shorter side to 16
+    assert x.shape == (3, 14, 14) and int(x[0].max()) == 0
+
+
+def test_training_transform_crops_the_original_image(tmp_path):
+    cfg = resolve("finetune", "cifar10-vit-tiny-improved")
+    t = train_transform(cfg.model, cfg.train)
+    im = Image.open(stripes(tmp_path / "s.png")).convert("RGB")
+    outs = [np.asarray(t(im)) for _ in range(20)]
+    assert all(o.shape == (32, 32, 3) for o in outs)
+    assert any(o[..., 0].max() > 200 for o in outs)  # the red sides, outside the centre square, get sampled
+
+
+def run(args, tmp_path, name):
+    common = ["--preset", "smoke", "--device", "cpu", "--precision", "fp32", "--no-in-memory", "--out"]
+    return main([str(a) for a in [*args, *common, tmp_path / name]])
+
+
+def test_streaming_pretraining_and_fine_tuning(wide, tmp_path):
+    aug = ["--crop-scale", "0.2", "1", "--hflip", "--num-workers", "2"]
+    assert run(["pretrain", "--data", wide, *aug, "--epochs", "2"], tmp_path, "pre") == 0
+    ft = ["finetune", "--data", wide, *aug, "--randaugment", "2", "--reprob", "0.25", "--mixup", "0.8"]
+    assert run([*ft, "--pretrained", tmp_path / "pre", "--epochs", "1"], tmp_path, "ft") == 0
+    lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and 0 <= lines[0]["val_acc"] <= 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_file_mid_run_stops_with_its_name_and_keeps_the_checkpoint(wide, tmp_path, capsys, workers):
+    args = ["pretrain", "--data", wide, "--num-workers", workers, "--epochs", "1"]
+    assert run(args, tmp_path, "pre") == 0
+    before = (tmp_path / "pre" / "checkpoint.pt").read_bytes()
+    good = (wide / "b" / "05.png").read_bytes()
+    (wide / "b" / "05.png").write_bytes(good[: len(good) // 2])  # truncated after the first epoch
+    capsys.readouterr()
+    resume = ["pretrain", "--resume", tmp_path / "pre", "--epochs", "2"]
+    assert main([str(a) for a in resume]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "05.png" in err[0] and "remove or replace it" in err[0]
+    assert (tmp_path / "pre" / "checkpoint.pt").read_bytes() == before
+
+
+def test_skip_bad_images_replaces_and_counts_them(wide, tmp_path, capfd):
+    (wide / "a" / "99.png").write_bytes(b"not an image")
+    args = ["pretrain", "--data", wide, "--num-workers", "2", "--epochs", "2", "--skip-bad-images"]
+    assert run(args, tmp_path, "pre") == 0
+    lines = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_images"] >= 1 and math.isfinite(lines[-1]["val_loss"])
+    assert "skipped unreadable image" in (err := capfd.readouterr().err) and "99.png" in err  # from a worker
