@@ -89,3 +89,11 @@ def test_skip_bad_images_replaces_and_counts_them(wide, tmp_path, capfd):
     lines = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["skipped_images"] >= 1 and math.isfinite(lines[-1]["val_loss"])
     assert "skipped unreadable image" in (err := capfd.readouterr().err) and "99.png" in err  # from a worker
+
+
+def test_bench_times_the_data_path_beside_the_step(wide, capsys):
+    args = ["bench", "--preset", "smoke", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--data", str(wide), "--num-workers", "0", "--mode", "finetune", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    data = [r for r in rows if r["design"] == "data"]
+    assert len(data) == 1 and data[0]["files"] == 24 and data[0]["img_per_s"] > 0

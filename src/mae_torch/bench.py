@@ -7,6 +7,9 @@ Design decisions:
 - FLOPs come from `torch.utils.flop_counter` on one step, with attention forced to the math kernel while
   counting so its matrix products are seen; achieved TFLOP/s = FLOPs per image x img/s.
 - The peak is measured, not looked up: the best of a few large matrix products in the same precision.
+- `--data FOLDER` also times the streaming data path alone (listing, then decoding and augmenting in
+  DataLoader workers, the batch on the device) at the preset's size, beside the model step, so a user sees
+  whether the accelerator would wait on data.
 - `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
   masks from per-sample shuffles on the host), so the speed-up is a ratio measured in one run.
 """
@@ -164,7 +167,55 @@ def bench(
         }
 
 
+def data_throughput(
+    folder: str, preset: str, mode: str, batch: int, steps: int, warmup: int, device: str, workers: int
+) -> dict:
+    """img/s of the streaming path of `folder` as training reads it (the preset's augmentation for `mode`)."""
+    from .data import build_datasets
+    from .datapath import DataPath
+
+    cfg = resolve(mode, preset)
+    dev = resolve_device(device)
+    t = time.perf_counter()
+    train, val, _ = build_datasets(folder, data_root=None, img_size=cfg.model.img_size, val_fraction=0.01)
+    listing = time.perf_counter() - t
+    path = DataPath(train, val, cfg.model, cfg.train, dev, workers, mem=False)
+    norm = Normalizer(cfg.model.mean, cfg.model.std, dev)
+    order = torch.randint(len(train), ((steps + warmup) * batch,))  # a small folder is read more than once
+    batches = iter(path.train_batches(order, batch))
+    try:
+        for _ in range(warmup):
+            path.augment(next(batches)[0], norm)
+        sync(dev)
+        t = time.perf_counter()
+        done = 0
+        for images, _ in batches:
+            path.augment(images, norm)
+            done += len(images)
+        sync(dev)
+    finally:
+        path.close()
+    seconds = time.perf_counter() - t
+    return {
+        "mode": mode,
+        "design": "data",
+        "preset": preset,
+        "folder": folder,
+        "files": len(train) + len(val),
+        "listing_s": listing,
+        "batch": batch,
+        "workers": workers,
+        "device": str(dev),
+        "img_per_s": done / seconds if done else 0.0,
+    }
+
+
 def describe(r: dict) -> str:
+    if r["design"] == "data":
+        return (
+            f"{r['mode']:>8}      data | {r['files']} files listed in {r['listing_s']:.1f} s; decoded and augmented "
+            f"by {r['workers']} workers at {r['preset']}'s size: {r['img_per_s']:.1f} img/s"
+        )
     return (
         f"{r['mode']:>8} {r['design']:>9} | {r['preset']} batch {r['batch']} {r['precision']} on {r['device']}"
         f" {r['attention']} attention{' compiled' if r['compile'] else ''}"

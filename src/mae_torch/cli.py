@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time the starting project's design (fp32, eager, host-side shuffles)",
     )
+    p.add_argument(
+        "--data",
+        default="",
+        metavar="FOLDER",
+        help="also time the streaming data path on this folder of images, beside the model step",
+    )
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes for --data")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
@@ -326,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     if args.command == "bench":
-        from .bench import bench, describe
+        from .bench import bench, data_throughput, describe
 
         modes = ("pretrain", "finetune") if args.mode == "both" else (args.mode,)
         results = []
@@ -345,6 +352,14 @@ def run(args: argparse.Namespace) -> int:
         ):
             results.append(r)
             print(json.dumps(r) if args.json else describe(r), flush=True)
+        for mode in modes if args.data else ():
+            step = args.steps + args.warmup
+            r = data_throughput(args.data, args.preset, mode, args.batch_size, step, 2, args.device, args.num_workers)
+            results.append(r)
+            print(json.dumps(r) if args.json else describe(r), flush=True)
+            model = next(x["img_per_s"] for x in results if x["design"] == "mae-torch" and x["mode"] == mode)
+            if not args.json:
+                print(f"{mode:>8}: data / model step = {r['img_per_s'] / model:.2f} (below 1: the step waits on data)")
         base = [r for r in results if r["design"] == "baseline"]
         ours = [r for r in results if r["design"] != "baseline" and r["mode"] == "pretrain"]
         if base and ours and not args.json:
