@@ -243,6 +243,7 @@ def test_imagenet_presets_are_the_published_recipes(preset):
     assert (ft.train.epochs, ft.train.blr, ft.train.layer_decay) == (ft_epochs, ft_blr, layer_decay)
     assert pre.train.peak_lr == pytest.approx(2.4e-3) and ft.train.peak_lr == pytest.approx(ft_blr * 4)
     assert pre.run.data == ft.run.data == ""  # no CIFAR default under an ImageNet model
+    assert not pre.run.in_memory and not ft.run.in_memory  # the official pipeline: crops of the original files
 
 
 def test_an_imagenet_preset_without_data_is_a_one_line_error(tmp_path, capsys):
