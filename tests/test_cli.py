@@ -3,7 +3,8 @@
 Everything runs on the CPU with the `smoke` preset on tiny PNGs written into tmp dirs (two colour classes,
 so a classifier has something to learn). Commands run in-process through `mae_torch.cli.main` (it returns
 the exit status); a few run as `python -m mae_torch` subprocesses to check that a user error prints exactly
-one line on stderr and no traceback. Nothing touches the network: CIFAR is faked with monkeypatch.
+one line on stderr and no traceback, and that `--help` imports no torch. Nothing touches the network: CIFAR
+is faked with monkeypatch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae_torch import engine
+import mae_torch
+from mae_torch import cli, engine
 from mae_torch.cli import main
 from mae_torch.config import PRESET_DIR, preset_names
 
@@ -212,7 +215,7 @@ def test_finetune_learns_the_colour_classes(data_dir, tmp_path, capsys):
 
 def test_evaluate_matches_classes_by_name(tmp_path, capsys):
     """A test folder with a subset of the classes is scored against the checkpoint's own class indices."""
-    from mae_torch.tasks import build_vit, load_weights, model_config_from
+    from mae_torch.models import build_vit, load_weights, model_config_from
 
     data = write_images(tmp_path / "rgb", ["blue", "green", "red"], per_class=16)
     run = tmp_path / "ft"
@@ -604,6 +607,52 @@ def test_help(command, options, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(option in text for option in options)
+
+
+HEAVY = ("torch", "timm", "torchvision", "tensorboard", "matplotlib", "numpy")  # seconds to import, together
+
+
+def imported_modules(importtime_log: str) -> list[str]:
+    """The module names in `python -X importtime` output: lines `import time: SELF_US | CUMULATIVE_US | NAME`
+    (the header line, `import time: self [us] | ...`, has no numbers and is skipped)."""
+    return re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$", importtime_log, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("command", [[], *([c.name] for c in cli.COMMANDS)], ids=lambda c: " ".join(c) or "mae")
+def test_help_imports_no_torch(command):
+    """`mae --help` and `mae COMMAND --help` answer without torch & co.: their import alone took seconds."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "mae_torch", *command, "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mae" in proc.stdout
+    names = imported_modules(proc.stderr)
+    assert "mae_torch.cli" in names  # the log was parsed: it names the modules imported
+    heavy = [n for n in names if n.startswith(HEAVY)]
+    assert not heavy, f"--help imported {heavy[:10]}"
+
+
+@pytest.mark.parametrize("command", [c.name for c in cli.COMMANDS])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mae {command} ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert cli.BY_NAME[command].help in " ".join(capsys.readouterr().out.split())  # listed in `mae --help`
+
+
+def test_package_exports_resolve():
+    """The torch-backed names are exported lazily (PEP 562) and still import as before."""
+    from mae_torch import MaskedAutoencoder, ViT, load_pretrained
+
+    assert MaskedAutoencoder.__name__ == "MaskedAutoencoder" and ViT.__name__ == "ViT" and callable(load_pretrained)
+    for name in mae_torch.__all__:
+        assert getattr(mae_torch, name) is not None, name
+    assert set(mae_torch.__all__) <= set(dir(mae_torch))
+    assert mae_torch.ViT is ViT
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mae_torch.nope  # noqa: B018
 
 
 def test_console_script_help():

@@ -33,9 +33,9 @@ from mae_torch.convert import (
 )
 from mae_torch.errors import MAEError
 from mae_torch.mae import MaskedAutoencoder
+from mae_torch.models import build_mae, build_vit, load_encoder, load_encoder_for
 from mae_torch.ops import random_masking, sincos_pos_embed
 from mae_torch.resize import adapt_state, resize_pos_embed
-from mae_torch.tasks import build_mae, build_vit, load_encoder, load_encoder_for
 from mae_torch.vit import ViT
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)

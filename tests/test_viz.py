@@ -123,8 +123,8 @@ def test_embed_writes_the_encoders_features_and_labels(runs, capsys):
     import json
 
     from mae_torch.data import build_datasets
+    from mae_torch.models import build_vit, load_weights, model_config_from
     from mae_torch.runtime import Normalizer
-    from mae_torch.tasks import build_vit, load_weights, model_config_from
 
     out = runs / "feats.npy"
     assert (

@@ -26,11 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import Augment
 from .config import resolve
-from .data import TensorImages
+from .data import TensorImages, build_datasets
+from .datapath import DataPath
 from .engine import param_groups
 from .memdata import DeviceBatches
+from .models import build_mae, build_vit
 from .runtime import Normalizer, autocast, resolve_attention, resolve_device, resolve_precision
-from .tasks import build_mae, build_vit
 from .vit import set_attention
 
 
@@ -171,9 +172,6 @@ def data_throughput(
     folder: str, preset: str, mode: str, batch: int, steps: int, warmup: int, device: str, workers: int
 ) -> dict:
     """img/s of the streaming path of `folder` as training reads it (the preset's augmentation for `mode`)."""
-    from .data import build_datasets
-    from .datapath import DataPath
-
     cfg = resolve(mode, preset)
     dev = resolve_device(device)
     t = time.perf_counter()

@@ -36,9 +36,8 @@ from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
 from .errors import MAEError
+from .models import DECODER, build_mae, build_vit, load_weights, model_config_from, save_weights
 from .resize import is_sincos
-from .runtime import save_weights
-from .tasks import DECODER, build_mae, build_vit, load_weights, model_config_from
 
 FORMATS = ("official", "hf", "timm", "ours")
 HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H (timm, models_mae.py)

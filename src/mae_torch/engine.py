@@ -161,106 +161,247 @@ def scaler_for(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Train `task.model` on train_ds, validating on val_ds each epoch; returns the last epoch's metrics."""
-    tc, rc = cfg.train, cfg.run
-    group, device_name = setup(rc.device)
-    device = resolve_device(device_name)
-    precision = resolve_precision(rc.precision, device)
-    if len(val_ds) == 0:
-        raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
-    if tc.batch_size % (group.world * tc.micro_batch):
-        raise MAEError(
-            f"batch_size {tc.batch_size} must be a multiple of {group.world} processes x device_batch_size "
-            f"{tc.micro_batch}; change --batch-size or --device-batch-size"
-        )
-    per_rank = tc.batch_size // group.world
-    accum = per_rank // tc.micro_batch
-    steps_per_epoch = len(train_ds) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise MAEError(
-            f"the training split has {len(train_ds)} images, fewer than one batch of {tc.batch_size}; "
-            "lower --batch-size or add images"
-        )
-    total_steps, warmup_steps = tc.epochs * steps_per_epoch, round(tc.warmup_epochs * steps_per_epoch)
-    model = task.model.to(device)
-    attention = resolve_attention(rc.attention, device)
-    set_attention(model, attention)
-    ddp = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if group.world > 1
-        else model
-    )
-    forward = torch.compile(ddp) if rc.compile else ddp
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay, tc.layer_decay),
-        lr=tc.peak_lr,
-        betas=tc.betas,
-        fused=device.type in ("cpu", "cuda"),
-    )
-    scaler = scaler_for(device, precision)
-    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None  # validated and saved instead
-    judged = ema.module if ema else model
-    stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
-    norm = Normalizer(cfg.model.mean, cfg.model.std, device)
-    logger = RunLogger(run_dir, active=group.main)
-    if group.main:
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-
-    start_epoch, step, done, carried = 0, 0, 0, 0.0  # done: optimizer steps of start_epoch already made
-    ckpt_path = run_dir / "checkpoint.pt"
+    run = Trainer(task, train_ds, val_ds, cfg, Path(run_dir))
     if resume:
-        try:  # weights_only: a checkpoint is data; a pickle that wants to run code is refused
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not a usable checkpoint"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MAEError(f"cannot load {ckpt_path} as plain data ({first[:150]}); it was not run") from None
-        load_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        stopper.load_state_dict(ckpt["stopper"])
-        if ema:
-            load_state(ema.module, ckpt["ema"], f"the EMA weights of {ckpt_path}")
-        mine = group.rank if len(ckpt["rng"]["torch"]) == group.world else 0
-        torch.set_rng_state(ckpt["rng"]["torch"][mine])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][mine], device)
-        start_epoch, step, done = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-        carried = ckpt["loss_sum"][mine] if done < steps_per_epoch else 0.0
-        if done >= steps_per_epoch:
-            start_epoch, done = start_epoch + 1, 0
-        logger.truncate_metrics(start_epoch)  # epochs logged after the checkpoint will be logged again
-        if stopper.should_stop:  # it stopped early; a larger --patience lets it go on
-            logger.print(f"{run_dir} stopped early at epoch {start_epoch}; raise --patience to continue it")
-            start_epoch = tc.epochs
-        logger.print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {step}")
+        run.restore()
     else:
-        torch.manual_seed(rc.seed + group.rank)
+        torch.manual_seed(cfg.run.seed + run.group.rank)
+    run.data = DataPath(train_ds, val_ds, cfg.model, cfg.train, run.device, cfg.run.num_workers, cfg.run.in_memory)
+    run.announce()
+    metrics: dict = {}
+    try:
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            loss_sum, seconds, steps = run.train_epoch(epoch)
+            metrics = run.end_epoch(epoch, loss_sum, seconds, steps)
+            if run.stopper.should_stop:
+                tc = cfg.train
+                run.logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
+                break
+    finally:
+        run.data.close()  # DataLoader workers end with the run, also when it fails
+    run.logger.close()
+    return metrics
 
-    data = DataPath(train_ds, val_ds, cfg.model, tc, device, rc.num_workers, rc.in_memory)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.print(
-        f"{cfg.command}: {len(train_ds)} train / {len(val_ds)} val images | {n_params / 1e6:.2f}M parameters | "
-        f"device {device}{f' x {group.world} processes' if group.world > 1 else ''}, precision {precision}, "
-        f"attention {attention}, data {data.describe}\n"
-        f"  batch {tc.batch_size} = {group.world} x {tc.micro_batch} x {accum} accumulation | "
-        f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {steps_per_epoch} steps/epoch, "
-        f"{total_steps} total, {warmup_steps} warmup | monitor {tc.monitor}"
-        + (f", patience {tc.patience}" if tc.patience else "")
-    )
-    val_share = torch.arange(group.rank, len(val_ds), group.world)  # each process validates its share
-    n_bad = torch.zeros((), device=device, dtype=torch.long)  # non-finite losses seen by this process
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
 
-    def check_finite() -> None:
-        if group.sum_(n_bad.clone()).item() > rc.skip_nonfinite:
-            at = int(group.sum_(torch.where(first_bad < 0, 0, first_bad + 1)).item()) - 1  # rank 0's or any
+class Trainer:
+    """The state of one training run and its parts: set up, restore, one epoch, end of epoch, save."""
+
+    def __init__(self, task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Path):
+        self.task, self.cfg, self.run_dir = task, cfg, run_dir
+        self.n_train, self.n_val = len(train_ds), len(val_ds)
+        tc, rc = cfg.train, cfg.run
+        self.group, device_name = setup(rc.device)
+        self.device = resolve_device(device_name)
+        self.precision = resolve_precision(rc.precision, self.device)
+        self.check_sizes()
+        self.per_rank = tc.batch_size // self.group.world
+        self.accum = self.per_rank // tc.micro_batch
+        self.steps_per_epoch = self.n_train // tc.batch_size
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
+        self.model = task.model.to(self.device)
+        self.attention = resolve_attention(rc.attention, self.device)
+        set_attention(self.model, self.attention)
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.group.world > 1
+            else self.model
+        )
+        self.forward = torch.compile(self.ddp) if rc.compile else self.ddp
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, tc.weight_decay, tc.layer_decay),
+            lr=tc.peak_lr,
+            betas=tc.betas,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
+        self.scaler = scaler_for(self.device, self.precision)
+        self.ema = ModelEmaV3(self.model, decay=tc.ema_decay) if tc.ema_decay else None  # validated and saved
+        self.judged = self.ema.module if self.ema else self.model
+        self.stopper = EarlyStopper("max" if tc.monitor == "val_acc" else "min", tc.patience, tc.min_delta)
+        self.norm = Normalizer(cfg.model.mean, cfg.model.std, self.device)
+        self.logger = RunLogger(run_dir, active=self.group.main)
+        if self.group.main:
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # also on resume: it may extend --epochs
+            atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        self.start_epoch, self.step, self.done, self.carried = 0, 0, 0, 0.0  # done: steps of start_epoch made
+        self.n_bad = torch.zeros((), device=self.device, dtype=torch.long)  # non-finite losses seen here
+        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        self.step_time, self.t_step = None, 0.0  # moving average of seconds per optimizer step, for the run ETA
+        self.data: DataPath | None = None
+
+    def check_sizes(self) -> None:
+        tc, world = self.cfg.train, self.group.world
+        if self.n_val == 0:
+            raise MAEError("no validation images (--val-fraction 0 and no PATH/val); set --val-fraction above 0")
+        if tc.batch_size % (world * tc.micro_batch):
             raise MAEError(
-                f"non-finite loss at step {max(at, 0)} (more than --skip-nonfinite {rc.skip_nonfinite}); the last "
-                f"good checkpoint is kept: lower --blr or check the data, then --resume {run_dir}"
+                f"batch_size {tc.batch_size} must be a multiple of {world} processes x device_batch_size "
+                f"{tc.micro_batch}; change --batch-size or --device-batch-size"
+            )
+        if self.n_train < tc.batch_size:
+            raise MAEError(
+                f"the training split has {self.n_train} images, fewer than one batch of {tc.batch_size}; "
+                "lower --batch-size or add images"
             )
 
-    def save(epoch: int, done: int, loss_sum: torch.Tensor) -> None:
-        check_finite()
+    def restore(self) -> None:
+        """Continue from checkpoint.pt: weights, optimizer, scaler, stopper, EMA, RNG states, position."""
+        path, group = self.run_dir / "checkpoint.pt", self.group
+        try:  # weights_only: a checkpoint is data; a pickle that wants to run code is refused
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not a usable checkpoint"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MAEError(f"cannot load {path} as plain data ({first[:150]}); it was not run") from None
+        load_state(self.model, ckpt["model"], str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.stopper.load_state_dict(ckpt["stopper"])
+        if self.ema:
+            load_state(self.ema.module, ckpt["ema"], f"the EMA weights of {path}")
+        mine = group.rank if len(ckpt["rng"]["torch"]) == group.world else 0
+        torch.set_rng_state(ckpt["rng"]["torch"][mine])
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][mine], self.device)
+        self.start_epoch, self.step, self.done = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        self.carried = ckpt["loss_sum"][mine] if self.done < self.steps_per_epoch else 0.0
+        if self.done >= self.steps_per_epoch:
+            self.start_epoch, self.done = self.start_epoch + 1, 0
+        self.logger.truncate_metrics(self.start_epoch)  # epochs logged after the checkpoint are logged again
+        if self.stopper.should_stop:  # it stopped early; a larger --patience lets it go on
+            self.logger.print(f"{self.run_dir} stopped early at epoch {self.start_epoch}; raise --patience to continue")
+            self.start_epoch = self.cfg.train.epochs
+        self.logger.print(f"resumed {self.run_dir} at epoch {self.start_epoch + 1}, step {self.step}")
+
+    def announce(self) -> None:
+        """The derived values, printed once at start-up."""
+        cfg, tc, group = self.cfg, self.cfg.train, self.group
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.logger.print(
+            f"{cfg.command}: {self.n_train} train / {self.n_val} val images | {n_params / 1e6:.2f}M parameters | "
+            f"device {self.device}{f' x {group.world} processes' if group.world > 1 else ''}, precision "
+            f"{self.precision}, attention {self.attention}, data {self.data.describe}\n"
+            f"  batch {tc.batch_size} = {group.world} x {tc.micro_batch} x {self.accum} accumulation | "
+            f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} total, {self.warmup_steps} warmup | monitor {tc.monitor}"
+            + (f", patience {tc.patience}" if tc.patience else "")
+        )
+
+    def lr(self, step: int) -> float:
+        tc = self.cfg.train
+        return lr_at(step, self.total_steps, self.warmup_steps, tc.peak_lr, tc.min_lr)
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
+        """One epoch (or what a resumed one has left): (sum of micro-batch losses, seconds, optimizer steps)."""
+        tc, rc, group = self.cfg.train, self.cfg.run, self.group
+        self.model.train()
+        g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
+        order = torch.randperm(self.n_train, generator=g)[: self.steps_per_epoch * tc.batch_size]
+        order = order.view(self.steps_per_epoch, group.world, self.per_rank)[:, group.rank].flatten()  # mine
+        order = order[self.done * self.per_rank :]  # skip what a resumed run already did
+        loss_sum = torch.tensor(self.carried, device=self.device)  # sum of micro-batch losses this epoch
+        self.carried = 0.0
+        bar = tqdm(
+            self.data.train_batches(order, tc.micro_batch),
+            total=(self.steps_per_epoch - self.done) * self.accum,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.logger.interactive,
+        )
+        t_epoch = self.t_step = time.perf_counter()
+        first_step = self.step
+        for i, (images, labels) in enumerate(bar):
+            loss = self.micro_step(images, labels, last=(i + 1) % self.accum == 0)
+            loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)
+            if (i + 1) % self.accum == 0:
+                self.optimizer_step(epoch, loss, loss_sum, bar)
+        bar.close()
+        self.check_finite()
+        return loss_sum, time.perf_counter() - t_epoch, self.step - first_step
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients are synced across processes on the last one)."""
+        with self.ddp.no_sync() if self.group.world > 1 and not last else nullcontext():
+            with autocast(self.device, self.precision):
+                x = self.data.augment(images, self.norm)
+                labels = labels.to(self.device, non_blocking=True)
+                loss = self.task.train_loss(self.forward, x, labels).float()
+            self.scaler.scale(loss / self.accum).backward()
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self.n_bad += (~finite).long()
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step, self.first_bad)
+        return loss
+
+    def optimizer_step(self, epoch: int, loss: torch.Tensor, loss_sum: torch.Tensor, bar) -> None:
+        """The update with the scheduled lr; every SYNC_EVERY steps the only host syncs of the loop."""
+        tc, rc = self.cfg.train, self.cfg.run
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.scaler.step(self.optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model, self.step)
+        self.step, self.done = self.step + 1, self.done + 1
+        now = time.perf_counter()
+        dt, self.t_step = now - self.t_step, now
+        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
+        if self.step % SYNC_EVERY == 0:
+            self.check_finite()
+            if self.logger.interactive:
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}",
+                    lr=f"{lr:.2e}",
+                    img_s=f"{tc.batch_size / self.step_time:.0f}",
+                    run_eta=fmt_time((self.total_steps - self.step) * self.step_time),
+                )
+        if rc.save_every and self.step % rc.save_every == 0 and self.done < self.steps_per_epoch:
+            self.save(epoch, self.done, loss_sum)
+
+    def end_epoch(self, epoch: int, loss_sum: torch.Tensor, seconds: float, steps: int) -> dict:
+        """Validate, log, write the weights and the checkpoint; returns the epoch's metrics."""
+        tc, rc, group = self.cfg.train, self.cfg.run, self.group
+        share = torch.arange(group.rank, self.n_val, group.world)  # each process validates its share
+        batches = self.data.val_batches(share, tc.micro_batch)
+        val = evaluate(self.task, batches, self.norm, self.precision, rc.seed, group, self.judged)
+        metrics = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": group.sum_(loss_sum.clone()).item() / (self.steps_per_epoch * self.accum * group.world),
+            **{f"val_{k}": v for k, v in val.items() if k != "n"},
+            "lr": self.lr(self.step - 1),
+            "img_per_s": steps * tc.batch_size / seconds,
+            "epoch_time_s": seconds,
+            **({"skipped_images": self.data.skipped()} if rc.skip_bad_images else {}),
+        }
+        metrics["best"] = self.stopper.update(metrics[tc.monitor])
+        if group.main and self.task.on_epoch_end:
+            metrics.update(self.task.on_epoch_end(epoch, self.logger) or {})  # e.g. a k-NN accuracy
+        left = (tc.epochs - epoch - 1) * self.steps_per_epoch * (self.step_time or 0)
+        self.logger.epoch(metrics, eta_s=left)
+        if group.main:
+            if metrics["best"]:
+                save_weights(self.judged, self.task.meta, self.run_dir / "best.safetensors")
+            save_weights(self.judged, self.task.meta, self.run_dir / "model.safetensors")
+        self.save(epoch, self.steps_per_epoch, loss_sum)
+        self.done = 0
+        return metrics
+
+    def check_finite(self) -> None:
+        rc = self.cfg.run
+        if self.group.sum_(self.n_bad.clone()).item() > rc.skip_nonfinite:
+            at = int(self.group.sum_(torch.where(self.first_bad < 0, 0, self.first_bad + 1)).item()) - 1
+            raise MAEError(
+                f"non-finite loss at step {max(at, 0)} (more than --skip-nonfinite {rc.skip_nonfinite}); the last "
+                f"good checkpoint is kept: lower --blr or check the data, then --resume {self.run_dir}"
+            )
+
+    def save(self, epoch: int, done: int, loss_sum: torch.Tensor) -> None:
+        """checkpoint.pt: everything a resume needs, down to the position in the epoch and every RNG state."""
+        self.check_finite()
+        group, device = self.group, self.device
         rng = {
             "torch": group.gather(torch.get_rng_state()),
             "cuda": group.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else [],
@@ -268,109 +409,17 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         losses = group.gather(loss_sum.item())
         if group.main:
             state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "stopper": stopper.state_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "stopper": self.stopper.state_dict(),
                 "epoch": epoch,
                 "epoch_step": done,
-                "step": step,
+                "step": self.step,
                 "loss_sum": losses,
                 "rng": rng,
-                "config": cfg.to_dict(),
-                **({"ema": ema.module.state_dict()} if ema else {}),
+                "config": self.cfg.to_dict(),
+                **({"ema": self.ema.module.state_dict()} if self.ema else {}),
             }
-            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(self.run_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         group.barrier()
-
-    metrics: dict = {}
-    step_time = None  # moving average of seconds per optimizer step, for the run ETA
-    micro_steps = steps_per_epoch * accum
-    try:
-        for epoch in range(start_epoch, tc.epochs):
-            model.train()
-            g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * tc.batch_size]
-            order = order.view(steps_per_epoch, group.world, per_rank)[:, group.rank].flatten()  # this process's
-            order = order[done * per_rank :]  # skip what a resumed run already did
-            loader = data.train_batches(order, tc.micro_batch)
-            loss_sum = torch.tensor(carried, device=device)  # sum of micro-batch losses this epoch
-            carried = 0.0
-            bar = tqdm(
-                loader,
-                total=(steps_per_epoch - done) * accum,
-                desc=f"epoch {epoch + 1}/{tc.epochs}",
-                leave=False,
-                dynamic_ncols=True,
-                disable=not logger.interactive,
-            )
-            t_epoch = t_step = time.perf_counter()
-            epoch_start_step = step
-            for i, (images, labels) in enumerate(bar):
-                last = (i + 1) % accum == 0
-                with ddp.no_sync() if group.world > 1 and not last else nullcontext():
-                    with autocast(device, precision):
-                        x = data.augment(images, norm)
-                        loss = task.train_loss(forward, x, labels.to(device, non_blocking=True)).float()
-                    scaler.scale(loss / accum).backward()
-                finite = torch.isfinite(loss.detach())
-                loss_sum += torch.where(finite, loss.detach(), 0.0)
-                n_bad += (~finite).long()
-                first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
-                if not last:
-                    continue
-                lr = lr_at(step, total_steps, warmup_steps, tc.peak_lr, tc.min_lr)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = lr * group_.get("lr_scale", 1.0)
-                scaler.step(optimizer)  # with a fused optimizer: skips a non-finite step without a host sync
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema:
-                    ema.update(model, step)
-                step, done = step + 1, done + 1
-                now = time.perf_counter()
-                dt, t_step = now - t_step, now
-                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                if step % SYNC_EVERY == 0:
-                    check_finite()
-                    if logger.interactive:
-                        bar.set_postfix(
-                            loss=f"{loss.item():.4f}",
-                            lr=f"{lr:.2e}",
-                            img_s=f"{tc.batch_size / step_time:.0f}",
-                            run_eta=fmt_time((total_steps - step) * step_time),
-                        )
-                if rc.save_every and step % rc.save_every == 0 and done < steps_per_epoch:
-                    save(epoch, done, loss_sum)
-            epoch_time = time.perf_counter() - t_epoch
-            bar.close()
-            check_finite()
-            val = evaluate(task, data.val_batches(val_share, tc.micro_batch), norm, precision, rc.seed, group, judged)
-            metrics = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": group.sum_(loss_sum.clone()).item() / (micro_steps * group.world),
-                **{f"val_{k}": v for k, v in val.items() if k != "n"},
-                "lr": lr_at(step - 1, total_steps, warmup_steps, tc.peak_lr, tc.min_lr),
-                "img_per_s": (step - epoch_start_step) * tc.batch_size / epoch_time,
-                "epoch_time_s": epoch_time,
-                **({"skipped_images": data.skipped()} if rc.skip_bad_images else {}),
-            }
-            improved = stopper.update(metrics[tc.monitor])
-            metrics["best"] = improved
-            if group.main and task.on_epoch_end:
-                metrics.update(task.on_epoch_end(epoch, logger) or {})  # e.g. a k-NN accuracy
-            logger.epoch(metrics, eta_s=(tc.epochs - epoch - 1) * steps_per_epoch * (step_time or 0))
-            if group.main:
-                if improved:
-                    save_weights(judged, task.meta, run_dir / "best.safetensors")
-                save_weights(judged, task.meta, run_dir / "model.safetensors")
-            save(epoch, steps_per_epoch, loss_sum)
-            done = 0
-            if stopper.should_stop:
-                logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
-                break
-    finally:
-        data.close()  # DataLoader workers end with the run, also when it fails
-    logger.close()
-    return metrics

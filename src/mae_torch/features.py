@@ -2,7 +2,8 @@
 
 Design decisions:
 - Features are `ViT.encode` (CLS token or mean patch token) of any mae-torch weights, computed once under
-  no_grad in the weights' own input normalization; k-NN and the linear probe then work on those tensors, so
+  no_grad in the weights' own input normalization (the `ModelConfig` travels beside the model, in `Frozen`,
+  and its mean and std are passed to `extract`); k-NN and the linear probe then work on those tensors, so
   a 90-epoch probe costs seconds after one pass of the encoder.
 - k-NN is the weighted cosine vote of DINO (Caron et al. 2021): the k most similar training features vote
   with weight exp(similarity / T). It needs no training, so it also serves as a label-light monitor of
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,24 +28,31 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .augment import Augment
+from .config import ModelConfig
 from .data import build_datasets, build_eval_dataset
 from .engine import lr_at
 from .errors import MAEError
 from .lars import LARS
 from .memdata import DeviceBatches, in_memory
+from .models import build_mae, build_vit, load_weights, model_config_from
 from .runtime import Normalizer, autocast, load_state, make_loader, resolve_device, resolve_precision
-from .tasks import build_mae, build_vit, load_weights, model_config_from
 from .vit import ViT
 
 
-def load_frozen(checkpoint: str, device: torch.device) -> ViT:
+class Frozen(NamedTuple):
+    """A frozen encoder and the description it was built from (its image size, channels, mean and std)."""
+
+    model: ViT  # a MaskedAutoencoder is a ViT: its encoder is what `encode` runs
+    config: ModelConfig
+
+
+def load_frozen(checkpoint: str, device: torch.device) -> Frozen:
     """Any mae-torch weights (pretraining or fine-tuned) as a frozen model in eval mode on `device`."""
     state, meta = load_weights(checkpoint)
     m = model_config_from(meta)
     model = build_mae(m) if meta["arch"] == "mae" else build_vit(m, len(meta.get("classes") or []))
     load_state(model, state, str(checkpoint))
-    model.cfg = m
-    return model.to(device).eval().requires_grad_(False)
+    return Frozen(model.to(device).eval().requires_grad_(False), m)
 
 
 @torch.no_grad()
@@ -51,14 +60,15 @@ def extract(
     model: ViT,
     ds: Dataset,
     device: torch.device,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
     pool: str | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
-    mean=None,
-    std=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32, labels (N,)) of a dataset of uint8 images, on `device`."""
-    norm = Normalizer(mean or model.cfg.mean, std or model.cfg.std, device)
+    """(features (N, D) float32, labels (N,)) of a dataset of uint8 images, normalized with the model's own
+    `mean` and `std` (its ModelConfig's), on `device`."""
+    norm = Normalizer(mean, std, device)
     precision = resolve_precision("auto", device)
     feats, labels = [], []
     for images, y in make_loader(ds, batch_size, num_workers, device):
@@ -69,11 +79,11 @@ def extract(
 
 
 def frozen_splits(checkpoint: str, data: str, data_root: str, val_fraction: float, seed: int, device: str):
-    """The frozen model, the labeled training and validation splits (the carve training uses), class names and
-    the device."""
+    """The frozen model (a `Frozen`), the labeled training and validation splits (the carve training uses),
+    class names and the device."""
     dev = resolve_device(device)
-    model = load_frozen(checkpoint, dev)
-    m = model.cfg
+    frozen = load_frozen(checkpoint, dev)
+    m = frozen.config
     train, val, classes = build_datasets(
         data,
         data_root=data_root or None,
@@ -83,7 +93,7 @@ def frozen_splits(checkpoint: str, data: str, data_root: str, val_fraction: floa
         seed=seed,
         need_labels=True,
     )
-    return model, train, val, classes, dev
+    return frozen, train, val, classes, dev
 
 
 def split_features(
@@ -91,23 +101,24 @@ def split_features(
 ):
     """Frozen features of the labeled training and validation splits, class names, and the device:
     ((train_x, train_y), (val_x, val_y), classes, device)."""
-    model, train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
+    (model, m), train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
     return (
-        extract(model, train, dev, pool, num_workers=num_workers),
-        extract(model, val, dev, pool, num_workers=num_workers),
+        extract(model, train, dev, m.mean, m.std, pool, num_workers=num_workers),
+        extract(model, val, dev, m.mean, m.std, pool, num_workers=num_workers),
         classes,
         dev,
     )
 
 
-def augmented_features(model: ViT, train: Dataset, dev: torch.device, pool, num_workers: int):
+def augmented_features(frozen: Frozen, train: Dataset, dev: torch.device, pool, num_workers: int):
     """(features(idx) -> (x, y) of a fresh crop + flip of those training images, number of images), for the
     paper's probe protocol; the images are held as uint8 on the device, like training's."""
+    model, m = frozen
     images = in_memory(train, dev, num_workers)
     if images is None:
         raise MAEError("linprobe --augment needs the training images to fit in memory; drop --augment")
     batches = DeviceBatches(images, dev)
-    aug, norm = Augment((0.08, 1.0), True), Normalizer(model.cfg.mean, model.cfg.std, dev)
+    aug, norm = Augment((0.08, 1.0), True), Normalizer(m.mean, m.std, dev)
     precision = resolve_precision("auto", dev)
 
     @torch.no_grad()
@@ -169,12 +180,13 @@ def linprobe(
     """Train BatchNorm(affine=False) + linear on frozen features; returns the validation top-1 per epoch."""
     if optimizer not in ("lars", "sgd"):
         raise MAEError(f"optimizer must be lars or sgd, not {optimizer}")
-    model, train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
-    vx, vy = extract(model, val, dev, pool, num_workers=num_workers)
+    frozen, train, val, classes, dev = frozen_splits(checkpoint, data, data_root, val_fraction, seed, device)
+    model, m = frozen
+    vx, vy = extract(model, val, dev, m.mean, m.std, pool, num_workers=num_workers)
     if augment:
-        features, n = augmented_features(model, train, dev, pool, num_workers)
+        features, n = augmented_features(frozen, train, dev, pool, num_workers)
     else:
-        tx, ty = extract(model, train, dev, pool, num_workers=num_workers)
+        tx, ty = extract(model, train, dev, m.mean, m.std, pool, num_workers=num_workers)
         features, n = (lambda idx: (tx[idx], ty[idx])), len(tx)
     torch.manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(vx.shape[1], affine=False, eps=1e-6), nn.Linear(vx.shape[1], len(classes)))
@@ -225,8 +237,7 @@ def embed(
     split "eval": CIFAR's test split, or the folder's test/ (else val/, else itself), as `mae evaluate` reads.
     """
     dev = resolve_device(device)
-    model = load_frozen(checkpoint, dev)
-    m = model.cfg
+    model, m = load_frozen(checkpoint, dev)
     if split == "train":
         ds, _, classes = build_datasets(
             data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, val_fraction=0.0
@@ -237,7 +248,7 @@ def embed(
         )
     else:
         raise MAEError(f"split must be train or eval, not {split}")
-    feats, labels = extract(model, ds, dev, pool, batch_size, num_workers)
+    feats, labels = extract(model, ds, dev, m.mean, m.std, pool, batch_size, num_workers)
     out = Path(out)
     np.save(out, feats.cpu().numpy())
     if classes:

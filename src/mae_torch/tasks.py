@@ -1,155 +1,35 @@
-"""The three jobs - pretrain, finetune, evaluate - as the engine's parts, and weights in and out.
+"""The jobs - pretrain, finetune, evaluate, reconstruct - as the engine's parts.
 
 Design decisions:
 - Pretraining and fine-tuning are the same engine (`engine.fit`) with a different `Task`: MAE's loss and
   a reconstruction grid of fixed validation images with a fixed mask, or cross-entropy and accuracy.
-- Shared weights are `.safetensors` files whose metadata (and a JSON beside them) describe the model:
-  `arch` ("mae" or "vit"), the `model` config and, for classifiers, the `classes` by name.
-- Transferring an encoder asserts exactly which keys are missing (head, fc_norm) and unexpected (the
-  decoder, norm): anything else means another architecture, and is an error that lists the keys.
+- Models and weights files come from models.py; fine-tuning reads its pretrained encoder in any format through
+  convert.py, and `--knn-every` scores pretraining with features.py. None of those imports this module.
 - Evaluation matches a folder's class names to the checkpoint's by name, so a test folder with a subset
   of the classes (or another order) evaluates correctly; an unknown class is an error.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from timm.data import Mixup
 from torch import nn
 
-from .config import Config, ModelConfig, from_dict
+from .config import Config
+from .convert import read
 from .data import ImageFiles, build_datasets, build_eval_dataset, label_subset, list_images
 from .engine import Task, evaluate, fit
 from .errors import MAEError
-from .mae import MaskedAutoencoder
+from .features import extract, knn_accuracy
+from .models import ENCODER_FIELDS, build_mae, build_vit, load_encoder_for, load_weights, model_config_from
 from .plots import save_reconstructions
-from .resize import adapt_state
 from .runtime import Normalizer, load_state, make_loader, resolve_device, resolve_precision
-from .vit import ViT
 from .viz import caption, reconstruction_grid
-
-DECODER = ("decoder_", "mask_token")  # an MAE's pretraining-only tensors
-ENCODER_FIELDS = (  # img_size and patch_size stay the fine-tuning run's: positions are resized to them
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "pos_embed",
-    "mean",
-    "std",
-    "norm_eps",
-    "qkv_bias",
-)  # what a fine-tuned model inherits from its pretrained encoder
-
-
-def build_mae(m: ModelConfig) -> MaskedAutoencoder:
-    return MaskedAutoencoder(
-        m.img_size,
-        m.patch_size,
-        m.in_chans,
-        m.embed_dim,
-        m.depth,
-        m.num_heads,
-        m.mlp_ratio,
-        m.pos_embed,
-        m.decoder_embed_dim,
-        m.decoder_depth,
-        m.decoder_num_heads,
-        m.norm_pix_loss,
-        m.mask_ratio,
-        m.norm_eps,
-        m.qkv_bias,
-    )
-
-
-def build_vit(m: ModelConfig, num_classes: int) -> ViT:
-    return ViT(
-        m.img_size,
-        m.patch_size,
-        m.in_chans,
-        m.embed_dim,
-        m.depth,
-        m.num_heads,
-        m.mlp_ratio,
-        m.pos_embed,
-        num_classes,
-        m.global_pool,
-        m.drop_path,
-        m.norm_eps,
-        m.qkv_bias,
-    )
-
-
-# ---------------------------------------------------------------- weights
-
-
-def weights_file(path: str | Path) -> Path:
-    """A run directory (its best, else its last weights) or a .safetensors file."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "model.safetensors"):
-            if (path / name).exists():
-                return path / name
-        raise MAEError(f"no weights in {path}: expected model.safetensors (is it a mae-torch run directory?)")
-    if not path.exists():
-        raise MAEError(f"weights not found: {path}; pass a run directory or a .safetensors file")
-    if path.suffix != ".safetensors":
-        raise MAEError(f"{path} is not a .safetensors file; pass a run directory or its model.safetensors")
-    return path
-
-
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, meta) of a run directory or .safetensors file written by mae-torch; no pickle involved."""
-    file = weights_file(path)
-    try:
-        with safe_open(str(file), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("mae_torch", "null"))
-        state = load_file(str(file))
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise MAEError(f"cannot read weights {file}: {e}") from None
-    if meta is None and file.with_suffix(".json").exists():
-        meta = json.loads(file.with_suffix(".json").read_text())
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise MAEError(f"{file} carries no mae-torch model description (model.json); convert it first")
-    return state, meta
-
-
-def load_encoder(vit: ViT, state: dict[str, torch.Tensor]) -> None:
-    """Load a pretrained encoder into a classifier: only the head, fc_norm (and norm) may differ."""
-    own = set(vit.state_dict())
-    state = {k: v for k, v in state.items() if k in own}  # drops the decoder, mask token, unused norm
-    missing = sorted(own - set(state))
-    allowed = {k for k in own if k.startswith(("head.", "fc_norm.", "norm."))}
-    if set(missing) - allowed:
-        raise MAEError(f"pretrained weights do not fit this encoder: missing {sorted(set(missing) - allowed)}")
-    try:
-        vit.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise MAEError(f"pretrained weights do not fit this encoder: {'; '.join(shapes) or e}") from None
-
-
-def load_encoder_for(vit: ViT, state: dict) -> None:
-    """Load a pretrained encoder (any image and patch size) into a classifier built for its own size, e.g.
-    official ImageNet 224-pixel weights into a ViT for 32-pixel images; only head and fc_norm may be missing."""
-    encoder = {k: v for k, v in state.items() if not k.startswith(DECODER)}  # an MAE's decoder stays behind
-    load_encoder(vit, adapt_state(encoder, vit.grid_size * vit.patch_size, vit.patch_size))
-
-
-def model_config_from(meta: dict) -> ModelConfig:
-    return from_dict(ModelConfig, meta["model"])
-
-
-# ---------------------------------------------------------------- jobs
 
 
 def start_run(run_dir: Path, resume: bool, overwrite: bool) -> Path:
@@ -191,13 +71,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
                 grid, epoch + 1, caption(model, prefix=f"epoch {epoch + 1}, fixed images and mask: ")
             )
         if knn_every and (epoch + 1) % knn_every == 0:
-            from .features import extract, knn_accuracy  # features builds on this module
-
-            model.cfg = cfg.model
             was_training = model.training
             model.eval()
-            memory = extract(model, train_ds, device)
-            queries = extract(model, val_ds, device)
+            memory = extract(model, train_ds, device, cfg.model.mean, cfg.model.std)
+            queries = extract(model, val_ds, device, cfg.model.mean, cfg.model.std)
             model.train(was_training)
             return {"knn_acc": knn_accuracy(*memory, *queries)}
         return None
@@ -214,8 +91,6 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     """Train a classifier into run_dir, from scratch or from cfg.run.pretrained; returns the last metrics."""
     run_dir = start_run(run_dir, resume, overwrite)
     if cfg.run.pretrained and not resume:
-        from .convert import read  # convert builds on this module
-
         # ours, official, transformers or timm weights; heads the file does not state are this run's
         pretrained = read(
             cfg.run.pretrained, num_heads=cfg.model.num_heads, decoder_num_heads=cfg.model.decoder_num_heads
