@@ -131,3 +131,12 @@ def test_bench_counts_the_flops_of_a_training_step(capsys):
     # the patch embedding's input gradient is never needed (its input is the image): one backward matmul less
     assert rows[1]["gflop_per_img"] * 1e9 == pytest.approx(3 * forward - 2 * L * D * 48, rel=1e-3)
     assert rows[0]["gflop_per_img"] == pytest.approx(rows[2]["gflop_per_img"])  # same shapes as the baseline
+
+
+def test_auto_attention_follows_the_measured_kernel_per_precision():
+    from mae_torch.runtime import resolve_attention
+
+    cuda = torch.device("cuda")
+    assert resolve_attention("auto", CPU, "bf16") == "math"  # faster on CPUs in bf16 (docs/benchmarks.md)
+    assert resolve_attention("auto", CPU, "fp32") == resolve_attention("auto", cuda, "bf16") == "sdpa"
+    assert resolve_attention("math", CPU, "fp32") == "math" and resolve_attention("sdpa", CPU, "bf16") == "sdpa"

@@ -71,7 +71,8 @@ def make_step(
     cfg = resolve(mode, preset)
     tc = cfg.train
     model = (build_mae(cfg.model) if mode == "pretrain" else build_vit(cfg.model, 10)).to(device)
-    set_attention(model, "sdpa" if baseline else resolve_attention(attention, device))  # baseline: timm's default
+    kernel = "sdpa" if baseline else resolve_attention(attention, device, precision)  # baseline: timm's default
+    set_attention(model, kernel)
     forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     m = cfg.model
@@ -155,7 +156,7 @@ def bench(
             "device": str(dev),
             "precision": p,
             "compile": comp,
-            "attention": "sdpa" if base else resolve_attention(attention, dev),
+            "attention": "sdpa" if base else resolve_attention(attention, dev, p),
             "augmented": augmented and not base,
             "img_per_s": batch / seconds,
             "ms_per_step": seconds * 1e3,

@@ -161,7 +161,7 @@ class RunConfig:
     skip_bad_images: bool = doc("skip images that do not decode (with a warning and a count) instead of failing", False)
     num_workers: int = doc("data loading processes; 0 = load in the main process", 2)
     in_memory: bool = doc("hold small datasets as one uint8 tensor on the device (decoded once, cached)", True)
-    attention: str = doc("sdpa, math, or auto: SDPA on GPUs, matmul + softmax on CPUs (measured faster)", "auto")
+    attention: str = doc("sdpa, math, or auto: SDPA, but matmul + softmax on CPUs in bf16 (measured faster)", "auto")
     save_every: int = doc("also checkpoint every N optimizer steps, for resuming after a crash (0 = per epoch)", 0)
     skip_nonfinite: int = doc("steps with a non-finite loss to skip (their update is dropped) before stopping", 0)
     compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)

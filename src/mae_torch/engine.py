@@ -200,7 +200,7 @@ class Trainer:
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         self.model = task.model.to(self.device)
-        self.attention = resolve_attention(rc.attention, self.device)
+        self.attention = resolve_attention(rc.attention, self.device, self.precision)
         set_attention(self.model, self.attention)
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

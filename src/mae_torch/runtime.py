@@ -1,8 +1,8 @@
 """Where and how a step runs: device, precision, attention kernel, input normalization, loaders, safe writes.
 
 Design decisions:
-- `auto` everywhere means the measured fast path: bf16 autocast on GPUs and on CPUs with bf16 matrix units
-  (AVX-512 BF16 or AMX), SDPA attention on GPUs and matmul + softmax on CPUs (docs/benchmarks.md).
+- `auto` everywhere means the measured fast path: bf16 autocast on GPUs and on CPUs with bf16 instructions
+  (AVX-512 BF16 or AMX); SDPA attention, except matmul + softmax on CPUs in bf16 (docs/benchmarks.md).
 - Images travel as uint8 and are normalized on the device: a quarter of the bytes to move.
 - Files are written to a temporary name, flushed to disk and renamed (`atomic_write`): a crash or a full
   disk leaves the previous file whole.
@@ -73,8 +73,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
-    return name if name != "auto" else ("sdpa" if device.type == "cuda" else "math")
+def resolve_attention(name: str, device: torch.device, precision: str = "fp32") -> str:
+    """auto: SDPA, except on CPUs in bf16, where matmul + softmax measured faster (docs/benchmarks.md: 1.3x
+    with AMX, 40.2 against 31.1 img/s with AVX-512 BF16); in fp32 SDPA is the faster one on CPUs too (22.6
+    against 11.0 img/s on the AVX-512 BF16 CPU)."""
+    if name != "auto":
+        return name
+    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
 
 
 def autocast(device: torch.device, precision: str):

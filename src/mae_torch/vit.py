@@ -56,9 +56,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 def set_attention(model: nn.Module, kind: str) -> None:
-    """Attention kernel of every timm block: "sdpa" (fused `scaled_dot_product_attention`, best on GPUs) or
-    "math" (matmul + softmax; on the 2-core AMX CPU we develop on it made the pretraining step 1.3x faster
-    than SDPA's CPU kernels, see docs/benchmarks.md). Same numbers either way, up to rounding."""
+    """Attention kernel of every timm block: "sdpa" (fused `scaled_dot_product_attention`) or "math" (matmul +
+    softmax, faster on CPUs in bf16: runtime.resolve_attention). Same numbers either way, up to rounding."""
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = kind == "sdpa"
