@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,15 @@ def test_auto_attention_follows_the_measured_kernel_per_precision():
     assert resolve_attention("auto", CPU, "bf16") == "math"  # faster on CPUs in bf16 (docs/benchmarks.md)
     assert resolve_attention("auto", CPU, "fp32") == resolve_attention("auto", cuda, "bf16") == "sdpa"
     assert resolve_attention("math", CPU, "fp32") == "math" and resolve_attention("sdpa", CPU, "bf16") == "sdpa"
+
+
+def test_bench_times_transformers_beside_ours(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "--preset", "smoke", "--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--mode", "pretrain", "--peers", "--json"]) == 0
+    rows = {r["design"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows.keys() == {"mae-torch", "transformers"} and rows["transformers"]["img_per_s"] > 0
+    assert rows["transformers"]["precision"] == rows["mae-torch"]["precision"]
+    assert rows["transformers"]["gflop_per_img"] == pytest.approx(rows["mae-torch"]["gflop_per_img"], rel=0.05)
+    assert main([*args, "--mode", "pretrain", "--peers"]) == 0
+    assert "pretraining speed-up over transformers' ViTMAE" in capsys.readouterr().out

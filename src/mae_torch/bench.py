@@ -10,6 +10,8 @@ Design decisions:
 - `--data FOLDER` also times the streaming data path alone (listing, then decoding and augmenting in
   DataLoader workers, the batch on the device) at the preset's size, beside the model step, so a user sees
   whether the accelerator would wait on data.
+- `--peers` also times transformers' ViTMAEForPreTraining (SDPA attention) on the same shapes, in the same
+  precision and process, when transformers is installed.
 - `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
   masks from per-sample shuffles on the host), so the speed-up is a ratio measured in one run.
 """
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import Augment
 from .config import resolve
+from .convert import hf_config
 from .data import TensorImages, build_datasets
 from .datapath import DataPath
 from .engine import param_groups
@@ -62,24 +65,32 @@ def make_step(
     batch: int,
     device: torch.device,
     precision: str,
-    baseline: bool,
+    design: str = "mae-torch",
     compile: bool = False,
     attention: str = "auto",
     augmented: bool = False,
 ):
-    """A closure running one training step on a fixed random uint8 batch, and the batch-making cost alone."""
+    """A closure running one training step on a fixed random uint8 batch, and the batch-making cost alone.
+
+    design: "mae-torch", "baseline" (the starting project's masking, timm's SDPA blocks) or "transformers"
+    (transformers' ViTMAEForPreTraining of the same architecture, SDPA attention, its own masking)."""
     cfg = resolve(mode, preset)
     tc = cfg.train
-    model = (build_mae(cfg.model) if mode == "pretrain" else build_vit(cfg.model, 10)).to(device)
-    kernel = "sdpa" if baseline else resolve_attention(attention, device, precision)  # baseline: timm's default
-    set_attention(model, kernel)
+    if design == "transformers":
+        from transformers import ViTMAEForPreTraining  # optional: only `mae bench --peers` needs it
+
+        model = ViTMAEForPreTraining._from_config(hf_config(cfg.model), attn_implementation="sdpa").to(device)
+    else:
+        model = (build_mae(cfg.model) if mode == "pretrain" else build_vit(cfg.model, 10)).to(device)
+        kernel = "sdpa" if design == "baseline" else resolve_attention(attention, device, precision)
+        set_attention(model, kernel)  # the baseline: timm's default
     forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     m = cfg.model
     pool = torch.randint(0, 256, (4 * batch, m.in_chans, m.img_size, m.img_size), dtype=torch.uint8)
     data_set = DeviceBatches(TensorImages(pool, torch.randint(0, 10, (4 * batch,))), device)  # as in training
     norm = Normalizer(m.mean, m.std, device)
-    num_patches = model.patch_embed.num_patches
+    num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
     rng = np.random.default_rng(0)
 
     aug = Augment((0.2, 1.0), True) if augmented else Augment(tc.crop_scale, tc.hflip)
@@ -93,7 +104,9 @@ def make_step(
         with autocast(device, precision):
             if mode == "finetune":
                 loss = F.cross_entropy(forward(x), labels)
-            elif baseline:  # the starting project: a numpy shuffle per sample on the host, then to the device
+            elif design == "transformers":
+                loss = forward(pixel_values=x).loss
+            elif design == "baseline":  # the starting project: a numpy shuffle per sample on the host
                 perm = np.stack([rng.permutation(num_patches) for _ in range(batch)])
                 noise = torch.from_numpy(np.argsort(perm, axis=1) / num_patches).float().to(device)
                 loss = forward(x, noise=noise).loss
@@ -130,16 +143,20 @@ def bench(
     modes=("pretrain", "finetune"),
     attention: str = "auto",
     augmented: bool = False,
+    peers: bool = False,
 ):
-    """Yield one result dict per measured configuration."""
+    """Yield one result dict per measured configuration; `peers`: transformers' ViTMAE too, same precision."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     peaks = {}
-    runs = [(mode, prec, False, compile) for mode in modes]
+    runs = [(mode, prec, "mae-torch", compile) for mode in modes]
     if baseline:
-        runs.append(("pretrain", "fp32", True, False))
-    for mode, p, base, comp in runs:
-        step, data = make_step(mode, preset, batch, dev, p, base, comp, attention, augmented and not base)
+        runs.append(("pretrain", "fp32", "baseline", False))
+    if peers:
+        runs.append(("pretrain", prec, "transformers", False))
+    for mode, p, design, comp in runs:
+        base = design != "mae-torch"
+        step, data = make_step(mode, preset, batch, dev, p, design, comp, attention, augmented and not base)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             step()
         flops = counter.get_total_flops() / batch
@@ -150,7 +167,7 @@ def bench(
         tflops = flops * batch / seconds / 1e12
         yield {
             "mode": mode,
-            "design": "baseline" if base else "mae-torch",
+            "design": design,
             "preset": preset,
             "batch": batch,
             "device": str(dev),

@@ -357,6 +357,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         help="also time the starting project's design (fp32, eager, host-side shuffles)",
     )
     p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time transformers' ViTMAEForPreTraining (SDPA) on the same shapes and precision",
+    )
+    p.add_argument(
         "--data",
         default="",
         metavar="FOLDER",
@@ -383,6 +388,7 @@ def run_bench(args: argparse.Namespace) -> int:
         modes,
         args.attention,
         args.augment,
+        args.peers,
     ):
         results.append(r)
         print(json.dumps(r) if args.json else describe(r), flush=True)
@@ -394,10 +400,11 @@ def run_bench(args: argparse.Namespace) -> int:
         model = next(x["img_per_s"] for x in results if x["design"] == "mae-torch" and x["mode"] == mode)
         if not args.json:
             print(f"{mode:>8}: data / model step = {r['img_per_s'] / model:.2f} (below 1: the step waits on data)")
-    base = [r for r in results if r["design"] == "baseline"]
-    ours = [r for r in results if r["design"] != "baseline" and r["mode"] == "pretrain"]
-    if base and ours and not args.json:
-        print(f"pretraining speed-up over the starting design: {ours[0]['img_per_s'] / base[0]['img_per_s']:.2f}x")
+    ours = next((r["img_per_s"] for r in results if r["design"] == "mae-torch" and r["mode"] == "pretrain"), 0)
+    for design, what in (("baseline", "the starting design"), ("transformers", "transformers' ViTMAE")):
+        other = [r["img_per_s"] for r in results if r["design"] == design]
+        if other and ours and not args.json:
+            print(f"pretraining speed-up over {what}: {ours / other[0]:.2f}x")
     return 0
 
 

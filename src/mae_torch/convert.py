@@ -330,21 +330,29 @@ def write_timm(w: Weights, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def write_hf(w: Weights, dst: str | Path) -> Path:
-    """A save_pretrained folder: ViTMAEForPreTraining (with decoder) or ViTMAEModel (encoder)."""
+def hf_config(m: ModelConfig, **extra):
+    """transformers' ViTMAEConfig of the same architecture (transformers is an optional extra)."""
     try:
         import transformers
     except ImportError:
-        raise MAEError("writing transformers' format needs transformers: pip install transformers") from None
-    if w.arch == "vit" and (w.num_classes or "norm.weight" not in w.state):
-        raise MAEError("transformers' ViTMAE has no classifier head or avg pooling; export this model with --to timm")
-    m, dst = w.model, Path(dst)
-    config = transformers.ViTMAEConfig(
+        raise MAEError("transformers' format needs transformers: pip install transformers") from None
+    return transformers.ViTMAEConfig(
         **{theirs: getattr(m, ours) for theirs, ours in HF_CONFIG.items()},
         intermediate_size=int(m.mlp_ratio * m.embed_dim),
         decoder_intermediate_size=int(m.mlp_ratio * m.decoder_embed_dim),
         hidden_act="gelu",
+        **extra,
     )
+
+
+def write_hf(w: Weights, dst: str | Path) -> Path:
+    """A save_pretrained folder: ViTMAEForPreTraining (with decoder) or ViTMAEModel (encoder)."""
+    if w.arch == "vit" and (w.num_classes or "norm.weight" not in w.state):
+        raise MAEError("transformers' ViTMAE has no classifier head or avg pooling; export this model with --to timm")
+    config = hf_config(w.model)
+    import transformers  # hf_config checked that it is installed
+
+    m, dst = w.model, Path(dst)
     model = (transformers.ViTMAEForPreTraining if w.arch == "mae" else transformers.ViTMAEModel)(config)
     state = {}
     for key in model.state_dict():  # their names, whichever transformers version is installed
