@@ -154,3 +154,21 @@ def test_bench_times_transformers_beside_ours(capsys):
     assert rows["transformers"]["gflop_per_img"] == pytest.approx(rows["mae-torch"]["gflop_per_img"], rel=0.05)
     assert main([*args, "--mode", "pretrain", "--peers"]) == 0
     assert "pretraining speed-up over transformers' ViTMAE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"), [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_auto_device_prefers_cuda_then_an_apple_gpu_then_the_cpu(monkeypatch, cuda, mps, expected):
+    from mae_torch.errors import MAEError
+    from mae_torch.runtime import resolve_device, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto").type == expected
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"  # fp16 on request only
+    assert resolve_precision("fp16", torch.device("mps")) == "fp16"
+    for name, ok in (("mps", mps), ("cuda", cuda)):
+        if not ok:
+            with pytest.raises(MAEError, match=f"device {name} asked for but .* use --device cpu"):
+                resolve_device(name)

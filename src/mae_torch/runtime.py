@@ -48,11 +48,19 @@ def save_weights(model: nn.Module, meta: dict, path: Path) -> None:
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
+def mps_available() -> bool:
+    """An Apple GPU usable through PyTorch's MPS backend."""
+    return torch.backends.mps.is_available()
+
+
 def resolve_device(name: str) -> torch.device:
+    """auto: a CUDA GPU, else an Apple GPU (MPS), else the CPU; an unavailable device is a one-line error."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MAEError(f"device {name} asked for but CUDA is not available; use --device cpu")
+    if name.startswith("mps") and not mps_available():
+        raise MAEError(f"device {name} asked for but no Apple GPU (MPS) is available; use --device cpu")
     return torch.device(name)
 
 
@@ -66,6 +74,8 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that have it (else fp16 with loss scaling) and on CPUs with bf16 instructions; fp32
+    on Apple GPUs, where autocast covers fewer operations (`--precision fp16` asks for it there)."""
     if name != "auto":
         return name
     if device.type == "cuda":
