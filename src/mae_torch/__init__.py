@@ -5,9 +5,9 @@ mae = MaskedAutoencoder(img_size=32, patch_size=2, embed_dim=192, depth=12, num_
 out = mae(images)            # out.loss, out.pred (B, L, p*p*C), out.mask (B, L; 1 = removed)
 
 Design decisions:
-- `import mae_torch` loads no torch: the torch-backed names (MaskedAutoencoder, ViT, load_pretrained, the
-  ops, ...) are exported lazily through a module-level `__getattr__` (PEP 562), which imports their module
-  on first use. Otherwise every process that imports the package would pay seconds for torch, timm,
+- `import mae_torch` loads no torch: the torch-backed names (MaskedAutoencoder, ViT, load_pretrained,
+  create_model, the ops, ...) are exported lazily through a module-level `__getattr__` (PEP 562), which
+  imports their module on first use. Otherwise every process that imports the package would pay seconds for torch, timm,
   torchvision and matplotlib, `mae --help` included, since the `mae` command lives in this package.
 - The configuration (config.py) and the error type (errors.py) need only yaml, so they stay eager.
 - `__all__` and `__dir__` list the lazy names too, so `from mae_torch import *`, `dir(mae_torch)` and
@@ -27,11 +27,14 @@ if TYPE_CHECKING:
     from .mae import MAEOutput, MaskedAutoencoder
     from .ops import patchify, random_masking, sincos_pos_embed, unpatchify
     from .vit import ViT
+    from .zoo import create_model, list_models
 
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the submodule that defines it (and imports torch)
     "load_pretrained": "convert",
+    "create_model": "zoo",
+    "list_models": "zoo",
     "MAEOutput": "mae",
     "MaskedAutoencoder": "mae",
     "ViT": "vit",
@@ -43,6 +46,8 @@ _LAZY = {  # public name -> the submodule that defines it (and imports torch)
 
 __all__ = [
     "load_pretrained",
+    "create_model",
+    "list_models",
     "Config",
     "ModelConfig",
     "RunConfig",

@@ -1,4 +1,5 @@
-"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, convert, embed, knn, linprobe, bench.
+"""The `mae` command line: pretrain, finetune, evaluate, reconstruct, compare, convert, push, embed, knn, linprobe,
+bench.
 
 Design decisions:
 - One table, `COMMANDS`, lists every subcommand: its name, its one-line help, a function that adds its
@@ -111,7 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- evaluate, reconstruct, compare, convert
+# ---------------------------------------------------------------- evaluate, reconstruct, compare, convert, push
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -119,7 +120,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="RUN_DIR|WEIGHTS",
-        help="a finetune run directory (its best weights) or a .safetensors file",
+        help="a finetune run directory (its best weights), a .safetensors file, or hf-hub:ORG/NAME[@REV] (a repo "
+        "mae-torch wrote)",
     )
     p.add_argument(
         "--data",
@@ -160,7 +162,8 @@ def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="RUN_DIR|WEIGHTS",
-        help="a pretrain run directory or its .safetensors (needs the decoder)",
+        help="MAE weights with their decoder: a pretrain run directory, its .safetensors, any format mae convert "
+        "reads, or hf-hub:ORG/NAME[@REV]",
     )
     p.add_argument(
         "--images",
@@ -197,7 +200,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="a .pth, a .safetensors, a save_pretrained folder or a run directory")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="a .pth, a .safetensors, a save_pretrained folder, a run directory, or hf-hub:ORG/NAME[@REV]",
+    )
     p.add_argument("out", metavar="OUT", help="the file (.pth, .safetensors) or, for hf, the folder to write")
     p.add_argument(
         "--from",
@@ -226,11 +233,43 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a mae-torch run directory (its best weights, else its last)")
+    p.add_argument("repo_id", metavar="ORG/NAME", help="the Hub model repository; created if it does not exist")
+    p.add_argument("--private", action="store_true", help="make a new repository private (an existing one stays as is)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["ours", "hf", "timm"],
+        default="ours",
+        help="the weights as mae-torch writes them, transformers' ViTMAE folder (MAE or encoder), or a timm ViT",
+    )
+    p.add_argument("--revision", metavar="BRANCH", default=None, help="the branch to commit to, created if missing")
+    p.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        default=None,
+        help="write the files into DIR (new or empty) and upload nothing; works offline",
+    )
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub_push import push  # the token comes from HF_TOKEN or `hf auth login`, never from a flag
+
+    print(push(args.run, args.repo_id, args.fmt, args.private, args.revision, args.dry_run))
+    return 0
+
+
 # ---------------------------------------------------------------- frozen encoders: embed, knn, linprobe
 
 
 def add_embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|WEIGHTS", help="any mae-torch weights")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR|WEIGHTS",
+        help="weights in any format mae convert reads (run directory, file, folder) or hf-hub:ORG/NAME[@REV]",
+    )
     p.add_argument("--data", required=True, help="cifar10/cifar100 or a folder of images (labeled or not)")
     p.add_argument("--out", default="feats.npy", help="features (N, D); labels go to OUT.labels.npy")
     p.add_argument("--pool", choices=["cls", "avg"], default=None, help="pooling (default: the model's own)")
@@ -266,7 +305,12 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def add_probe_args(p: argparse.ArgumentParser, pool_default: str | None) -> None:
     """The options knn and linprobe share: the encoder, the labeled data and its validation carve."""
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|WEIGHTS", help="any mae-torch weights")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR|WEIGHTS",
+        help="weights in any format mae convert reads (run directory, file, folder) or hf-hub:ORG/NAME[@REV]",
+    )
     p.add_argument("--data", required=True, help="cifar10/cifar100 or a labeled folder (train/ and val/ or one)")
     p.add_argument("--data-root", default="", help="where torchvision datasets live")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/")
@@ -468,6 +512,14 @@ COMMANDS: tuple[Command, ...] = (
         add_convert_args,
         run_convert,
         "Convert weights: official MAE .pth, transformers' ViTMAE folder, timm .safetensors, mae-torch.",
+    ),
+    Command(
+        "push",
+        "upload a run's weights, config, metrics and a model card to the Hugging Face Hub",
+        add_push_args,
+        run_push,
+        "Upload a run to the Hugging Face Hub in one commit: weights (ours, hf or timm format), config.yaml, "
+        "metrics, pictures and a model card. The token comes from HF_TOKEN or `hf auth login`.",
     ),
     Command(
         "embed",

@@ -165,11 +165,18 @@ class RunConfig:
     save_every: int = doc("also checkpoint every N optimizer steps, for resuming after a crash (0 = per epoch)", 0)
     skip_nonfinite: int = doc("steps with a non-finite loss to skip (their update is dropped) before stopping", 0)
     compile: bool = doc("torch.compile the model (measure first: it slowed the CPU step here)", False)
+    grad_checkpointing: bool = doc(
+        "recompute block activations in backward: less memory for large models, about a third more compute", False
+    )
     knn_every: int = doc("pretraining on labeled data: k-NN accuracy of the encoder every N epochs (0 = off)", 0)
     recon_images: int = doc("validation images in the per-epoch reconstruction grid (pretraining)", 8)
     label_fraction: float = doc("fine-tuning: share of the labeled training images used, class-balanced", 1.0)
     labels_per_class: int = doc("fine-tuning: labeled images per class (overrides label_fraction; 0 = off)", 0)
-    pretrained: str = doc("fine-tuning: a pretraining run directory or .safetensors weights; empty = scratch", "")
+    pretrained: str = doc(
+        "fine-tuning: a pretraining run directory, weights in any format mae convert reads, or "
+        "hf-hub:ORG/NAME[@REV]; empty = scratch",
+        "",
+    )
 
 
 @dataclass

@@ -6,14 +6,19 @@ Design decisions:
   "vit") and the class count. Every writer starts from it: a conversion is a read and a write.
 - Shapes are the truth: widths, depths, patch, grid, channels, MLP ratio and qkv bias (its keys, present or
   not) come from the tensors. Attention heads leave no trace in them (qkv is (3D, D) for any head count): they
-  come from the file's own description (our metadata, transformers' config.json), else the official models'
-  table, else D / 64; `num_heads=` wins. LayerNorm eps leaves none either: the description's, else 1e-6.
+  come from the file's own description (our metadata, transformers' config.json, timm's model_args), else the
+  official models' table, else D / 64; `num_heads=` wins. LayerNorm eps leaves none either: the description's,
+  else 1e-6.
 - No code runs when reading: pickles load with `weights_only=True`, allowing only `argparse.Namespace`
   (official checkpoints pickle their args). Anything else is an MAEError, never a retry without the guard.
 - transformers renamed ViTMAE's tensors in v5 (`encoder.layer.i.attention.attention.query` ->
   `layers.i.attention.q_proj`, ...) and v5 saves the old names, the decoder's blocks as
   `decoder_encoder.layer.i`. The reader takes all of them; the writer fills the installed version's model,
   lets it save, and writes the hub's names, which transformers 4 and 5 both load.
+- Weights on the Hugging Face Hub are `hf-hub:ORG/NAME[@REVISION]`: `read` resolves the reference to the
+  downloaded snapshot folder (hub.py, once, in one place) and reads it as any local folder. A folder is ours
+  when it holds a model.json (or no config.json: a run directory), timm's when its config.json names an
+  `architecture` (timm's hub layout: mean, std and crop come from its `pretrained_cfg`), else transformers'.
 - Files we write carry our model description (a `mae_torch` entry or metadata, which the official code and
   timm ignore; preprocessor_config.json for transformers), so every round trip is exact.
 """
@@ -36,6 +41,7 @@ from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, from_dict
 from .errors import MAEError
+from .hub import resolve_ref
 from .models import DECODER, build_mae, build_vit, load_weights, model_config_from, save_weights
 from .resize import is_sincos
 
@@ -87,6 +93,19 @@ def torch_load(path: Path) -> Any:
         ) from None
     except (RuntimeError, OSError, EOFError) as e:  # missing, truncated, not a torch file
         raise MAEError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON description beside weights (config.json, ...), None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MAEError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise MAEError(f"{path} is not a JSON object of settings")
+    return data
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -190,15 +209,36 @@ def read_official(src: str | Path | dict, num_heads: int | None = None, decoder_
 
 
 def read_timm(src: str | Path | dict, num_heads: int | None = None, decoder_num_heads=None) -> Weights:
-    """A timm VisionTransformer state dict (our names already): .safetensors, or .pth/.bin without code."""
-    path, meta = src, None
+    """A timm VisionTransformer state dict (our names already): .safetensors, or .pth/.bin without code, or a
+    folder in timm's hub layout (config.json + model.safetensors)."""
+    path, meta, said = src, None, None
     if not isinstance(src, dict):
-        path = Path(src)
+        path, said = timm_files(Path(src))
         src, meta = read_safetensors(path) if path.suffix == ".safetensors" else (torch_load(path), None)
     state = src.get("state_dict", src) if isinstance(src, dict) else None  # timm's train.py checkpoints nest it
     if not isinstance(state, dict):
         raise MAEError(f"{path} holds no state dict (a dict of tensors)")
+    meta = meta or said  # our own description, where the file carries one, is exact; else timm's config.json's
     return weights_from(dict(state), meta, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def timm_files(path: Path) -> tuple[Path, dict | None]:
+    """(the weights file, what timm's config.json beside it says that shapes do not, as our description) of a
+    file or a hub folder."""
+    folder = path if path.is_dir() else path.parent
+    config = read_json(folder / "config.json") or {}
+    if path.is_dir():
+        path = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()), None)
+        if path is None:
+            raise MAEError(f"no weights in {folder}: expected model.safetensors or pytorch_model.bin (timm's layout)")
+    if "architecture" not in config:  # not timm's: another library's config.json, or none
+        return path, None
+    pre, args = config.get("pretrained_cfg") or {}, config.get("model_args") or {}
+    model = {k: pre[k] for k in ("mean", "std", "crop_pct") if k in pre}  # the input normalization travels along
+    model.update({k: args[k] for k in ("num_heads",) if k in args})  # timm's own word, where it states it
+    classes = config.get("label_names")  # push_to_hf's class names, where it wrote them (one per output)
+    classes = list(classes) if isinstance(classes, list) and len(classes) == config.get("num_classes") else None
+    return path, {"model": model, "classes": classes}
 
 
 def read_hf(src: str | Path | dict, config: dict | None = None, num_heads=None, decoder_num_heads=None) -> Weights:
@@ -217,6 +257,8 @@ def read_hf(src: str | Path | dict, config: dict | None = None, num_heads=None, 
         raise MAEError(f"not transformers' ViTMAE weights: unknown {unknown[:4]} or an incomplete query/key/value")
     state.update({k: torch.cat(parts) for k, parts in qkv.items()})  # rows q, k, v: timm's qkv layout
     c = config or {}
+    if c.get("model_type", "vit_mae") != "vit_mae":
+        raise MAEError(f"this is transformers' {c['model_type']}, not a ViTMAE (vit_mae); mae-torch reads ViTMAE")
     if c.get("hidden_act", "gelu") != "gelu":
         raise MAEError(f"this ViTMAE uses the activation {c['hidden_act']}; mae-torch's blocks use exact GELU")
     # layer_norm_eps and qkv_bias are kept (HF_CONFIG): our 1e-6 for the hub's 1e-12 moves the loss far beyond
@@ -242,7 +284,7 @@ def hf_files(path: Path) -> tuple[dict, dict | None, dict]:
 def detect(path: Path) -> tuple[str, Any]:
     """(format, the loaded pickle when telling needed it, else None)."""
     if path.is_dir():
-        return ("hf" if (path / "config.json").exists() else "ours"), None  # else a mae-torch run directory
+        return folder_format(path), None
     if not path.exists():
         raise MAEError(f"weights not found: {path}")
     if path.suffix == ".safetensors":
@@ -260,13 +302,23 @@ def detect(path: Path) -> tuple[str, Any]:
     return ("hf" if isinstance(obj, dict) and any(hf_key(k) for k in obj) else "timm"), obj
 
 
+def folder_format(path: Path) -> str:
+    """Ours: a model.json (a repo mae-torch wrote) or no config.json (a run directory); timm's: a config.json
+    naming the `architecture`; else transformers' save_pretrained layout."""
+    config = path / "config.json"
+    if (path / "model.json").exists() or not config.exists():
+        return "ours"
+    return "timm" if "architecture" in (read_json(config) or {}) else "hf"
+
+
 def detect_format(path: str | Path) -> str:
     """ "official", "hf", "timm" or "ours", from the file's layout, metadata and tensor names."""
-    return detect(Path(path))[0]
+    return detect(resolve_ref(path))[0]
 
 
 def read(path: str | Path, fmt: str = "auto", num_heads: int | None = None, decoder_num_heads=None) -> Weights:
-    path, loaded = Path(path), None
+    """Weights in any format, from a path or an `hf-hub:ORG/NAME[@REVISION]` reference."""
+    path, loaded = resolve_ref(path), None
     if fmt == "auto":
         fmt, loaded = detect(path)
     if fmt == "ours":
@@ -290,7 +342,8 @@ def build(w: Weights) -> nn.Module:
 
 
 def load_pretrained(path: str | Path, fmt: str = "auto", num_heads: int | None = None, decoder_num_heads=None):
-    """Any supported weights as our model: a MaskedAutoencoder if they have a decoder, else a ViT (+ head)."""
+    """Any supported weights (a path or an hf-hub:ORG/NAME[@REVISION] reference) as our model: a
+    MaskedAutoencoder if they have a decoder, else a ViT (+ head)."""
     return build(read(path, fmt, num_heads, decoder_num_heads))
 
 

@@ -202,6 +202,8 @@ class Trainer:
         self.model = task.model.to(self.device)
         self.attention = resolve_attention(rc.attention, self.device, self.precision)
         set_attention(self.model, self.attention)
+        if rc.grad_checkpointing:  # timm's API: every block's activations recomputed in backward
+            self.model.set_grad_checkpointing()
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.group.world > 1

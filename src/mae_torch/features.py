@@ -1,9 +1,10 @@
 """Frozen-encoder evaluation: features (`mae embed`), k-NN accuracy (`mae knn`), linear probing (`mae linprobe`).
 
 Design decisions:
-- Features are `ViT.encode` (CLS token or mean patch token) of any mae-torch weights, computed once under
-  no_grad in the weights' own input normalization (the `ModelConfig` travels beside the model, in `Frozen`,
-  and its mean and std are passed to `extract`); k-NN and the linear probe then work on those tensors, so
+- Features are `ViT.encode` (CLS token or mean patch token) of any weights convert.py reads (mae-torch's,
+  official, timm's, transformers'; a path or an hf-hub: reference), computed once under no_grad in the
+  weights' own input normalization (the `ModelConfig` travels beside the model, in `Frozen`, and its mean and
+  std are passed to `extract`); k-NN and the linear probe then work on those tensors, so
   a 90-epoch probe costs seconds after one pass of the encoder.
 - k-NN is the weighted cosine vote of DINO (Caron et al. 2021): the k most similar training features vote
   with weight exp(similarity / T). It needs no training, so it also serves as a label-light monitor of
@@ -29,12 +30,13 @@ from torch.utils.data import Dataset
 
 from .augment import Augment
 from .config import ModelConfig
+from .convert import read
 from .data import build_datasets, build_eval_dataset
 from .engine import lr_at
 from .errors import MAEError
 from .lars import LARS
 from .memdata import DeviceBatches, in_memory
-from .models import build_mae, build_vit, load_weights, model_config_from
+from .models import build_mae, build_vit
 from .runtime import Normalizer, autocast, load_state, make_loader, resolve_device, resolve_precision
 from .vit import ViT
 
@@ -47,12 +49,12 @@ class Frozen(NamedTuple):
 
 
 def load_frozen(checkpoint: str, device: torch.device) -> Frozen:
-    """Any mae-torch weights (pretraining or fine-tuned) as a frozen model in eval mode on `device`."""
-    state, meta = load_weights(checkpoint)
-    m = model_config_from(meta)
-    model = build_mae(m) if meta["arch"] == "mae" else build_vit(m, len(meta.get("classes") or []))
-    load_state(model, state, str(checkpoint))
-    return Frozen(model.to(device).eval().requires_grad_(False), m)
+    """Any weights (pretraining or fine-tuned, in any format convert.py reads) as a frozen model in eval mode on
+    `device`: a frozen encoder needs no class names, so timm's and transformers' serve as well as ours."""
+    w = read(checkpoint)
+    model = build_mae(w.model) if w.arch == "mae" else build_vit(w.model, w.num_classes)
+    load_state(model, w.state, str(checkpoint))
+    return Frozen(model.to(device).eval().requires_grad_(False), w.model)
 
 
 @torch.no_grad()

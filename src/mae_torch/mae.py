@@ -4,7 +4,8 @@ Design decisions:
 - `MaskedAutoencoder` *is* a `ViT` (it inherits the encoder) so that its state dict has exactly the keys
   of the official MAE pretraining checkpoints: encoder keys at top level, then `decoder_embed`,
   `mask_token`, `decoder_pos_embed`, `decoder_blocks.{i}`, `decoder_norm`, `decoder_pred`. The encoder is
-  used only through its public methods (`embed_patches`, `forward_tokens`).
+  used only through its public methods (`embed_patches`, `forward_tokens`; `run_block` for the decoder
+  blocks, so that `set_grad_checkpointing` covers them too).
 - Masking is `ops.random_masking` on the input's device; `forward` takes `mask_ratio` and `noise` overrides
   (same noise => same mask, as in transformers' ViTMAE).
 - The loss is the mean squared error over removed patches only (Sec. 3 of the paper); with
@@ -94,7 +95,7 @@ class MaskedAutoencoder(ViT):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, E)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = self.run_block(block, x)  # checkpointed if set_grad_checkpointing
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, L, P)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ Design decisions:
 - Transferring an encoder asserts exactly which keys are missing (head, fc_norm) and unexpected (the
   decoder, norm): anything else means another architecture, and is an error that lists the keys. Weights of
   another image or patch size are resized to the classifier's (resize.py) first.
-- This module imports only config, errors, vit, mae, resize and runtime: never tasks, convert, features or
+- Weights may be `hf-hub:ORG/NAME[@REVISION]` references: `weights_file` resolves them (hub.py) to the
+  downloaded repository's folder first, so every command that reads mae-torch weights takes them.
+- This module imports only config, errors, hub, vit, mae, resize and runtime: never tasks, convert, features or
   engine, which import it (tests/test_structure.py keeps the module graph free of cycles).
 """
 
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 
 from .config import ModelConfig, from_dict
 from .errors import MAEError
+from .hub import resolve_ref
 from .mae import MaskedAutoencoder
 from .resize import adapt_state
 from .runtime import save_weights
@@ -102,8 +105,9 @@ def build_vit(m: ModelConfig, num_classes: int) -> ViT:
 
 
 def weights_file(path: str | Path) -> Path:
-    """A run directory (its best, else its last weights) or a .safetensors file."""
-    path = Path(path)
+    """A run directory (its best, else its last weights), a .safetensors file, or an hf-hub: reference to a
+    repository mae-torch wrote."""
+    path = resolve_ref(path)
     if path.is_dir():
         for name in ("best.safetensors", "model.safetensors"):
             if (path / name).exists():

@@ -3,8 +3,9 @@
 Design decisions:
 - Pretraining and fine-tuning are the same engine (`engine.fit`) with a different `Task`: MAE's loss and
   a reconstruction grid of fixed validation images with a fixed mask, or cross-entropy and accuracy.
-- Models and weights files come from models.py; fine-tuning reads its pretrained encoder in any format through
-  convert.py, and `--knn-every` scores pretraining with features.py. None of those imports this module.
+- Models and weights files come from models.py; fine-tuning (its pretrained encoder) and reconstruction read
+  weights in any format through convert.py (hf-hub: references too), and `--knn-every` scores pretraining with
+  features.py. None of those imports this module.
 - Evaluation matches a folder's class names to the checkpoint's by name, so a test folder with a subset
   of the classes (or another order) evaluates correctly; an unknown class is an error.
 """
@@ -207,15 +208,16 @@ def reconstruct(
     device: str = "cpu",
     max_images: int = 16,
 ) -> Path:
-    """A labelled grid (masked | reconstruction | original) of the user's own images; returns its path."""
-    state, meta = load_weights(checkpoint)
-    if meta.get("arch") != "mae" or not any(k.startswith("decoder_pred") for k in state):
+    """A labelled grid (masked | reconstruction | original) of the user's own images; returns its path. Any MAE
+    weights with their decoder: a pretrain run's, official, transformers' ViTMAEForPreTraining, hf-hub: ones."""
+    w = read(checkpoint)
+    if w.arch != "mae" or "decoder_pred.weight" not in w.state:
         raise MAEError(f"{checkpoint} has no decoder: reconstruction needs the full MAE weights of a pretrain run")
     if mask_ratio is not None and not 0 < mask_ratio < 1:
         raise MAEError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
-    m = model_config_from(meta)
+    m = w.model
     model = build_mae(m)
-    load_state(model, state, str(checkpoint))
+    load_state(model, w.state, str(checkpoint))
     dev = resolve_device(device)
     model.to(dev)
     paths = list_images(images)[:max_images]

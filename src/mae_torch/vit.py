@@ -17,6 +17,10 @@ Design decisions:
   norm) -> `forward_head` (pool, fc_norm, linear head). `forward_features` = the first two on all patches.
 - Pooling: `cls` (the CLS token after `norm`) or `avg` (mean of patch tokens, then `fc_norm`: the paper's
   fine-tuning default, Appendix A.2). As in timm, `norm` is an identity when pooling is `avg`.
+- timm's model API, checked against timm's VisionTransformer on the same weights: `forward_intermediates`,
+  `prune_intermediate_layers`, `get_classifier`, `reset_classifier` (a new pooling also gets the constructor's
+  norm layout, a fresh LayerNorm, so the state dict keeps ViT(global_pool=...)'s names), `set_grad_checkpointing`
+  (every block, MAE's decoder blocks too, goes through `run_block`: recomputed in backward while training).
 
 Legend: B batch, L patches, K kept patches, D width.
 """
@@ -29,6 +33,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .ops import sincos_pos_embed
 
@@ -63,6 +68,19 @@ def set_attention(model: nn.Module, kind: str) -> None:
             module.fused_attn = kind == "sdpa"
 
 
+def take_indices(depth: int, indices: int | list[int] | None) -> list[int]:
+    """timm's `feature_take_indices`: the blocks to take; None = all, n = the last n, a list = those (-1 = last)."""
+    if indices is None or isinstance(indices, int):
+        n = depth if indices is None else indices
+        if not 0 < n <= depth:
+            raise ValueError(f"last-n ({n}) is out of range (1 to {depth})")
+        return list(range(depth - n, depth))
+    taken = [i + depth if i < 0 else i for i in indices]
+    if not taken or not all(0 <= i < depth for i in taken):
+        raise ValueError(f"block indices {list(indices)} are out of range (0 to {depth - 1})")
+    return taken
+
+
 class ViT(nn.Module):
     def __init__(
         self,
@@ -84,7 +102,8 @@ class ViT(nn.Module):
         if global_pool not in ("cls", "avg"):
             raise ValueError(f"global_pool must be 'cls' or 'avg', got {global_pool!r}")
         self.patch_size, self.grid_size, self.global_pool = patch_size, img_size // patch_size, global_pool
-        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.embed_dim, self.num_classes, self.norm_eps = embed_dim, num_classes, norm_eps
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -117,21 +136,102 @@ class ViT(nn.Module):
             "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's: a new head (initialized as the constructor's; Identity for 0 classes), and pooling `global_pool`
+        ("cls" or "avg") if given. A new pooling also moves the LayerNorm where the constructor puts it (cls:
+        `norm`, avg: `fc_norm`), freshly initialized as in the official fine-tuning, so the state dict has the
+        keys of ViT(global_pool=...); timm instead keeps the old placement."""
+        like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        if global_pool not in (None, self.global_pool):
+            if global_pool not in ("cls", "avg"):
+                raise ValueError(f"global_pool must be 'cls' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+            fresh = nn.LayerNorm(self.embed_dim, eps=self.norm_eps, **like).train(self.training)
+            self.norm, self.fc_norm = (fresh, nn.Identity()) if global_pool == "cls" else (nn.Identity(), fresh)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (timm's; in training only):
+        less memory for large models, about a third more compute, the same gradients."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One transformer block (encoder or decoder), through `checkpoint` when gradient checkpointing is on."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> patch tokens with positions, (B, L, D); no CLS token yet."""
         return self.patch_embed(imgs) + self.pos_embed[:, 1:]
 
+    def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, K, D) -> [CLS with its position, tokens], (B, 1 + K, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, K, D), any subset of them -> encoded [CLS, tokens], (B, 1 + K, D)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = self.prepend_cls(x)
         for block in self.blocks:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.norm(x)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """All patches, unmasked: (B, C, H, W) -> (B, 1 + L, D)."""
         return self.forward_tokens(self.embed_patches(imgs))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """timm's: the outputs of blocks `indices` (see `take_indices`), after `norm` if norm, as patch tokens
+        (B, D, H/p, W/p) for NCHW or (B, L, D) for NLC, each paired with its CLS token (B, 1, D) if
+        return_prefix_tokens; with the final features (B, 1 + L, D) unless intermediates_only. stop_early: run
+        no block after the last one taken (the final features are then that block's, normed)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = take_indices(len(self.blocks), indices)
+        h, w = (side // self.patch_size for side in x.shape[-2:])
+        x, taken = self.prepend_cls(self.embed_patches(x)), []
+        for i, block in enumerate(self.blocks[: max(take) + 1] if stop_early else self.blocks):
+            x = self.run_block(block, x)
+            if i in take:
+                taken.append(self.norm(x) if norm else x)
+        out = [y[:, 1:] for y in taken]
+        if output_fmt == "NCHW":
+            out = [y.reshape(len(y), h, w, -1).permute(0, 3, 1, 2).contiguous() for y in out]
+        if return_prefix_tokens:
+            out = [(y, t[:, :1]) for y, t in zip(out, taken)]
+        return out if intermediates_only else (self.norm(x), out)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's: drop the blocks after the last of `indices` (and `norm`, the head and fc_norm if asked), for a
+        model used only through forward_intermediates; returns the block indices. Pooling stays (timm's: none)."""
+        take = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1 + L, D) -> pooled (B, D) when pre_logits, else logits (B, num_classes)."""
