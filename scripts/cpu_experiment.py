@@ -11,7 +11,9 @@ each class are held out for the final numbers and never used for training or mod
 3. A markdown table (mean and spread over seeds) and the curves of the first seed.
 
 Usage: python scripts/cpu_experiment.py [--work runs/cpu-experiment] [--seeds 0 1] [--pre-epochs 6]
-(`mae` must be on PATH, e.g. the project's venv activated).
+(`mae` must be on PATH, e.g. the project's venv activated). With `--preset NAME` (e.g. cifar10-short) both stages
+take that preset's model and recipe as they are; only the data, the seed, the label fraction and the epochs
+come from here.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ MODEL = [
 ]
 
 
+PRE = ["--batch-size", 256, "--blr", 1.5e-4, "--warmup-epochs", 1, "--norm-pix-loss", "--crop-scale", 0.2, 1, "--hflip"]
+FT = ["--batch-size", 128, "--blr", 1e-3, "--warmup-epochs", 3, "--crop-scale", 0.35, 1, "--hflip"]
+FT += ["--label-smoothing", 0.1, "--drop-path", 0.1]
+
+
 def mae(*args) -> str:
     cmd = ["mae", *[str(a) for a in args]]
     print("$", " ".join(cmd), flush=True)
@@ -57,34 +64,15 @@ def main() -> None:
     ap.add_argument("--pre-epochs", type=int, default=6)
     ap.add_argument("--ft-epochs", type=int, default=25)
     ap.add_argument("--label-fraction", type=float, default=0.1)
+    ap.add_argument("--preset", default="", help="take model and recipe from this preset instead of the flags here")
     args = ap.parse_args()
     data, work = args.work / "data", args.work
     prepare(args.zip, data)
     t0 = time.time()
     pre = work / "pretrain"
+    model, pre_recipe, ft_recipe = (["--preset", args.preset], [], []) if args.preset else (MODEL, PRE, FT)
     if not (pre / "model.safetensors").exists():
-        mae(
-            "pretrain",
-            *MODEL,
-            "--data",
-            data,
-            "--epochs",
-            args.pre_epochs,
-            "--batch-size",
-            256,
-            "--blr",
-            1.5e-4,
-            "--warmup-epochs",
-            1,
-            "--norm-pix-loss",
-            "--crop-scale",
-            0.2,
-            1,
-            "--hflip",
-            "--out",
-            pre,
-            "--overwrite",
-        )
+        mae("pretrain", *model, *pre_recipe, "--data", data, "--epochs", args.pre_epochs, "--out", pre, "--overwrite")
     results: dict[str, list[float]] = {"mae": [], "scratch": []}
     for seed in args.seeds:
         for init in ("mae", "scratch"):
@@ -92,7 +80,8 @@ def main() -> None:
             extra = ["--pretrained", pre] if init == "mae" else []
             mae(
                 "finetune",
-                *MODEL,
+                *model,
+                *ft_recipe,
                 *extra,
                 "--data",
                 data,
@@ -102,20 +91,6 @@ def main() -> None:
                 args.label_fraction,
                 "--epochs",
                 args.ft_epochs,
-                "--batch-size",
-                128,
-                "--blr",
-                1e-3,
-                "--warmup-epochs",
-                3,
-                "--crop-scale",
-                0.35,
-                1,
-                "--hflip",
-                "--label-smoothing",
-                0.1,
-                "--drop-path",
-                0.1,
                 "--val-fraction",
                 0.05,
                 "--out",

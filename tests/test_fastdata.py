@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae_torch.augment import random_hflip, random_resized_crop
+from mae_torch.augment import random_hflip, random_resized_crop, random_translate
 from mae_torch.cli import main
 from mae_torch.data import ImageFiles, build_datasets
 from mae_torch.memdata import DeviceBatches, in_memory
@@ -40,6 +40,18 @@ def test_crop_magnifies_a_part_of_the_image():
     spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]
     assert torch.allclose(spans, torch.full_like(spans, 0.5), atol=0.05)
     assert out.min() >= 0 and out.max() <= 1 and out[:, 0, 0, 0].std() > 0.05  # positions differ
+
+
+def test_translate_shifts_by_whole_pixels_within_the_limit():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 8, 8] = 1.0  # one bright pixel per image
+    out = random_translate(x, 4)
+    assert out.shape == x.shape and torch.equal(out.sum((1, 2, 3)), x.sum((1, 2, 3)))  # moved, not blurred
+    where = out[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 16 - 8, where % 16 - 8
+    assert dy.abs().max() <= 4 and dx.abs().max() <= 4 and len(set(zip(dy.tolist(), dx.tolist()))) > 10
+    assert torch.equal(random_translate(x, 0), x)
 
 
 def test_hflip_flips_about_half():

@@ -36,6 +36,19 @@ def random_resized_crop(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(B, C, H, W) -> the same shape: each image shifted by whole pixels, up to `pixels` each way, the border
+    zero-filled (the mean colour, after normalization): pad-and-random-crop for a whole batch at once."""
+    B, _, H, W = x.shape
+    shift = torch.randint(-pixels, pixels + 1, (2, B), device=x.device).to(x.dtype)
+    one, zero = torch.ones(B, device=x.device, dtype=x.dtype), torch.zeros(B, device=x.device, dtype=x.dtype)
+    theta = torch.stack(
+        [torch.stack([one, zero, 2 * shift[0] / W], 1), torch.stack([zero, one, 2 * shift[1] / H], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
 def random_hflip(x: torch.Tensor) -> torch.Tensor:
     """Flip each image left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
@@ -52,8 +65,8 @@ class Augment:
     normalized batch (the fine-tuning recipe of the paper, after DeiT). Settings that are off cost nothing.
     """
 
-    def __init__(self, crop_scale=(1.0, 1.0), hflip=False, randaugment=0, reprob=0.0, device="cpu"):
-        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+    def __init__(self, crop_scale=(1.0, 1.0), hflip=False, randaugment=0, reprob=0.0, device="cpu", translate=0):
+        self.crop_scale, self.hflip, self.translate = tuple(crop_scale), hflip, translate
         # magnitude 9 of 10 as timm's rand-m9 (the paper's, DeiT's); torchvision's default 31 bins would be 9/30
         self.randaugment = RandAugment(randaugment, magnitude=9, num_magnitude_bins=11) if randaugment else None
         self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob else None
@@ -64,6 +77,8 @@ class Augment:
         x = norm(images)
         if self.crop_scale != (1.0, 1.0):
             x = random_resized_crop(x, self.crop_scale)
+        if self.translate:
+            x = random_translate(x, self.translate)
         if self.hflip:
             x = random_hflip(x)
         return self.erase(x) if self.erase else x

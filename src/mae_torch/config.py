@@ -107,6 +107,7 @@ class TrainConfig:
         "random resized crop area range; 1 1 = off (paper pretraining: 0.2 1)", (1.0, 1.0)
     )
     hflip: bool = doc("random horizontal flips (the paper's pretraining uses them)", False)
+    translate: int = doc("random shift of up to N pixels each way, zero-filled (CIFAR's pad-and-crop); 0 = off", 0)
     randaugment: int = doc("RandAugment ops per image, magnitude 9 of 10 (paper fine-tuning: 2); 0 = off", 0)
     reprob: float = doc("random erasing probability (paper fine-tuning: 0.25)", 0.0)
     mixup: float = doc("mixup alpha (paper fine-tuning: 0.8); 0 = off", 0.0)
@@ -146,6 +147,7 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.reprob <= 1 and self.randaugment >= 0, "reprob must be in [0, 1] and randaugment >= 0")
         check(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0")
+        check(self.translate >= 0, f"translate must be >= 0 pixels, got {self.translate}")
         lo, hi = self.crop_scale
         check(0 < lo <= hi <= 1, f"crop_scale must be two numbers 0 < min <= max <= 1, got {lo} {hi}")
 

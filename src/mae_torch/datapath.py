@@ -38,6 +38,8 @@ def train_transform(m: ModelConfig, tc: TrainConfig):
         if tuple(tc.crop_scale) != (1.0, 1.0)
         else T.Compose([T.Resize(s, interpolation=BICUBIC), T.CenterCrop(s)])
     ]
+    if tc.translate:
+        ops.append(T.RandomCrop(s, padding=tc.translate))
     if tc.hflip:
         ops.append(T.RandomHorizontalFlip())
     if tc.randaugment:  # as timm's create_transform: translations of 45% of the side, grey fill at the mean
@@ -78,7 +80,7 @@ class DataPath:
             self.files = [f for f in (files_of(train), files_of(val)) if f is not None]  # decoded: skips counted
             self.train = DeviceBatches(train_mem, device)
             self.val = DeviceBatches(in_memory(val, device, workers), device)
-            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device)
+            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
             self.describe = "as uint8 tensors on the device"
             return
         self.streaming = files_of(train) is not None
@@ -87,7 +89,7 @@ class DataPath:
             val = with_files(val, crop_pct=m.crop_pct)
             self.augment = Augment(reprob=tc.reprob, device=device)
         else:  # in-memory tensors kept off the device (--no-in-memory): the device augments, as above
-            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device)
+            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
         self.train, self.val = train, val
         self.files = [f for f in (files_of(train), files_of(val)) if f is not None]
         self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if self.streaming else "")
