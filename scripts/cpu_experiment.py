@@ -71,7 +71,8 @@ def main() -> None:
     t0 = time.time()
     pre = work / "pretrain"
     model, pre_recipe, ft_recipe = (["--preset", args.preset], [], []) if args.preset else (MODEL, PRE, FT)
-    if not (pre / "model.safetensors").exists():
+    done = (pre / "metrics.jsonl").read_text().count("\n") if (pre / "metrics.jsonl").exists() else 0
+    if done < args.pre_epochs:  # a stopped pretraining has weights but not all its epochs: run it again
         mae("pretrain", *model, *pre_recipe, "--data", data, "--epochs", args.pre_epochs, "--out", pre, "--overwrite")
     results: dict[str, list[float]] = {"mae": [], "scratch": []}
     for seed in args.seeds:
