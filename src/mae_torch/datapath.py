@@ -75,24 +75,22 @@ class DataPath:
     ):
         self.device, self.workers = device, workers
         self.loaders: dict = {}  # (split, batch, drop_last) -> (Order, DataLoader), streaming only
+        on_device = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
         train_mem = in_memory(train, device, workers) if mem else None
+        self.files = [f for f in (files_of(train), files_of(val)) if f is not None]  # where skips are counted
         if train_mem is not None:
-            self.files = [f for f in (files_of(train), files_of(val)) if f is not None]  # decoded: skips counted
             self.train = DeviceBatches(train_mem, device)
             self.val = DeviceBatches(in_memory(val, device, workers), device)
-            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
-            self.describe = "as uint8 tensors on the device"
+            self.augment, self.describe = on_device, "as uint8 tensors on the device"
             return
-        self.streaming = files_of(train) is not None
-        if self.streaming:  # decoded and augmented from the original image in the workers
+        streaming = files_of(train) is not None
+        if streaming:  # decoded and augmented from the original image in the workers; erasing stays here
             train = with_files(train, transform=train_transform(m, tc))
             val = with_files(val, crop_pct=m.crop_pct)
-            self.augment = Augment(reprob=tc.reprob, device=device)
-        else:  # in-memory tensors kept off the device (--no-in-memory): the device augments, as above
-            self.augment = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
+            self.files = [files_of(train), files_of(val)]
         self.train, self.val = train, val
-        self.files = [f for f in (files_of(train), files_of(val)) if f is not None]
-        self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if self.streaming else "")
+        self.augment = Augment(reprob=tc.reprob, device=device) if streaming else on_device
+        self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if streaming else "")
 
     def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool):
         source = self.train if which == "train" else self.val
