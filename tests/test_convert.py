@@ -269,6 +269,28 @@ def test_mae_round_trips_exactly(tmp_path, fmt):
     assert_same_weights(back, w)
 
 
+@pytest.mark.parametrize("fmt", ["ours", "official", "hf", "timm"])
+def test_half_precision_export_halves_the_file_and_keeps_the_outputs(tmp_path, fmt):
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+    src = write_ours(tiny_vit_weights(num_classes=0, global_pool="cls"), tmp_path / "src.safetensors")
+    mid = tmp_path / {"ours": "h.safetensors", "official": "h.pth", "hf": "h-hf", "timm": "h-timm.safetensors"}[fmt]
+    convert(src, "ours", mid, fmt, dtype="float16")
+    half = read(mid, fmt)
+    assert {v.dtype for v in half.state.values() if v.is_floating_point()} == {torch.float16}
+    back = convert(mid, fmt, tmp_path / "back.safetensors", "ours")  # keep: still half
+    assert {v.dtype for v in load_file(str(back)).values()} == {torch.float16}
+    full = read_ours(src)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want, got = build(full)(x), build(read_ours(back))(x)  # half weights, loaded into a float32 model
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 1e-2 * want.abs().max()
+    if fmt == "ours":
+        assert back.stat().st_size < 0.6 * src.stat().st_size
+    with pytest.raises(MAEError, match="unknown dtype"):
+        convert(src, "ours", tmp_path / "x.safetensors", "ours", dtype="int8")
+
+
 def test_norm_eps_and_qkv_bias_survive_transformers_round_trip(tmp_path):
     pytest.importorskip("transformers")
     w = tiny_mae_weights(norm_eps=1e-12, qkv_bias=False)

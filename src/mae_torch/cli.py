@@ -223,12 +223,19 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="encoder attention heads where SRC does not say (default: official sizes, else width/64)",
     )
     p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder attention heads, likewise")
+    p.add_argument(
+        "--dtype",
+        choices=["keep", "float32", "float16", "bfloat16"],
+        default="keep",
+        help="precision of the written weights (keep: as SRC stores them; float16 halves the file for sharing)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    out = convert(args.src, args.src_format, args.out, args.dst_format, args.num_heads, args.decoder_num_heads)
+    a = args
+    out = convert(a.src, a.src_format, a.out, a.dst_format, a.num_heads, a.decoder_num_heads, a.dtype)
     print(f"wrote {out}")
     return 0
 

@@ -365,7 +365,8 @@ def output(dst: str | Path) -> Path:
 
 def write_ours(w: Weights, dst: str | Path) -> Path:
     dst = output(dst if str(dst).endswith(".safetensors") else Path(dst) / "model.safetensors")
-    save_weights(build(w), description(w), dst)
+    dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
+    save_weights(build(w).to(dtype), description(w), dst)  # in the precision the weights came in
     return dst
 
 
@@ -412,7 +413,7 @@ def write_hf(w: Weights, dst: str | Path) -> Path:
         ours, part = hf_key(key)
         state[key] = w.state[ours] if part is None else w.state[ours].chunk(3)[part]
     model.load_state_dict(state, strict=True)
-    model.save_pretrained(dst)
+    model.to(next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)).save_pretrained(dst)
     # transformers 5 saves the decoder's blocks as `decoder.decoder_encoder.layer.i` (its v4-name mapping applied
     # to `decoder_layers`), which transformers 4 cannot load; the hub's names load in both.
     saved = load_file(str(dst / "model.safetensors"))
@@ -427,11 +428,21 @@ def write_hf(w: Weights, dst: str | Path) -> Path:
 WRITERS = {"official": write_official, "hf": write_hf, "timm": write_timm, "ours": write_ours}
 
 
-def convert(src, src_format: str, dst, dst_format: str, num_heads: int | None = None, decoder_num_heads=None) -> Path:
-    """`mae convert`: read SRC in src_format ("auto" recognizes it), check it fits our model, write OUT."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert(
+    src, src_format: str, dst, dst_format: str, num_heads: int | None = None, decoder_num_heads=None, dtype="keep"
+) -> Path:
+    """`mae convert`: read SRC in src_format ("auto" recognizes it), check it fits our model, write OUT with its
+    floating-point tensors in `dtype` ("keep": as SRC stores them; float16 halves a file for sharing)."""
     if dst_format not in WRITERS:
         raise MAEError(f"unknown output format {dst_format!r}; choose one of {', '.join(FORMATS)}")
+    if dtype != "keep" and dtype not in DTYPES:
+        raise MAEError(f"unknown dtype {dtype!r}; choose keep or one of {', '.join(DTYPES)}")
     w = read(src, src_format, num_heads, decoder_num_heads)
+    if dtype != "keep":
+        w = w._replace(state={k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in w.state.items()})
     if dst_format != "ours":
         build(w)  # every key and shape must fit our model, whatever the output (write_ours builds it anyway)
     return WRITERS[dst_format](w, dst)
