@@ -109,9 +109,13 @@ def run_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from . import tasks
+    from .dist import teardown
 
     job = tasks.pretrain if args.command == "pretrain" else tasks.finetune
-    job(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    try:
+        job(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    finally:
+        teardown()  # leave the torchrun process group before exit; exiting inside it can abort (SIGABRT)
     print(f"run directory: {run_dir}")
     return 0
 

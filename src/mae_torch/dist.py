@@ -61,5 +61,6 @@ def setup(device_name: str) -> tuple[Dist, str]:
 
 
 def teardown() -> None:
+    """Leave the process group (a no-op in a single process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
