@@ -13,7 +13,8 @@ each class are held out for the final numbers and never used for training or for
    compare-all-labels.png the curves. Each run's final weights stay in its folder (model.safetensors).
 
 Epoch-based: a rerun trains the same thing. A finished run (all its epochs in metrics.jsonl) is kept, so a
-stopped experiment picks up where it stopped. Usage (`mae` on PATH, e.g. the project's venv activated):
+stopped experiment picks up where it stopped (another preset or recipe needs another --work).
+Usage (`mae` on PATH, e.g. the project's venv activated):
     python scripts/cpu_experiment.py [--work runs/cpu-experiment] [--preset cifar10-short] [--seeds 0 1]
 """
 
@@ -67,8 +68,9 @@ def cpu_flags() -> str:
 
 
 def cell(v: list[float]) -> str:
-    spread = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{100 * statistics.mean(v):.2f} ± {100 * spread:.2f}" if len(v) > 1 else f"{100 * v[0]:.2f}"
+    if len(v) == 1:
+        return f"{100 * v[0]:.2f}"
+    return f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}"
 
 
 def table(title: str, results: dict[str, list[float]], val: dict[str, list[float]]) -> str:
