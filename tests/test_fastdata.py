@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,10 +135,10 @@ def test_bench_counts_the_flops_of_a_training_step(capsys):
 
     assert main(["bench", "--preset", "smoke", "--steps", "1", "--warmup", "0", "--baseline", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["mode"], r["design"]) for r in rows] == [
+    assert [(r["mode"], r["design"]) for r in rows] == [  # the baseline first, with the allocator's defaults
+        ("pretrain", "baseline"),
         ("pretrain", "mae-torch"),
         ("finetune", "mae-torch"),
-        ("pretrain", "baseline"),
     ]
     assert all(r["img_per_s"] > 0 and 0 < r["data_fraction"] < 1 for r in rows)
     # smoke classifier: 16x16 image, 4x4 patches (L = 16, N = 17 tokens), width 32, 2 blocks, MLP 2x, 10 classes.
@@ -143,8 +147,39 @@ def test_bench_counts_the_flops_of_a_training_step(capsys):
     block = N * D * 3 * D + N * D * D + 2 * N * D * hidden + 2 * N * N * D  # qkv, proj, mlp, q@k and attn@v
     forward = 2 * (L * D * 4 * 4 * 3 + depth * block + D * 10)
     # the patch embedding's input gradient is never needed (its input is the image): one backward matmul less
-    assert rows[1]["gflop_per_img"] * 1e9 == pytest.approx(3 * forward - 2 * L * D * 48, rel=1e-3)
-    assert rows[0]["gflop_per_img"] == pytest.approx(rows[2]["gflop_per_img"])  # same shapes as the baseline
+    assert rows[2]["gflop_per_img"] * 1e9 == pytest.approx(3 * forward - 2 * L * D * 48, rel=1e-3)
+    assert rows[1]["gflop_per_img"] == pytest.approx(rows[0]["gflop_per_img"])  # same shapes as the baseline
+
+
+FAULTS = """
+import resource, sys, torch
+from mae_torch.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+for _ in range(2):
+    torch.ones(16 << 20)  # warm-up: the heap grows to fit it (and its alignment)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(16 << 20)  # 64 MiB, freed at once: glibc alone maps and unmaps it each time
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory acts on glibc only")
+def test_kept_freed_memory_is_reused_without_page_faults(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+        monkeypatch.delenv(k)
+
+    def faults(how: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, how], capture_output=True, text=True, check=True).stdout
+        kept, n = out.split()
+        return kept, int(n)
+
+    assert faults("keep")[0] == "True" and faults("plain")[0] == "False"
+    plain, kept = faults("plain")[1], faults("keep")[1]
+    assert plain > 20 * (64 << 20) // 4096 // 2  # at least half of the 64 MiB pages faulted in each time
+    assert kept < plain / 4  # a few new pages while the heap settles, then none
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own allocator setting wins
+    assert faults("keep")[0] == "False"
 
 
 def test_auto_attention_follows_the_measured_kernel_per_precision():

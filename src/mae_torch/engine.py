@@ -47,6 +47,7 @@ from .runtime import (
     Normalizer,
     atomic_write,
     autocast,
+    keep_freed_memory,
     load_state,
     resolve_attention,
     resolve_device,
@@ -193,6 +194,8 @@ class Trainer:
         self.group, device_name = setup(rc.device)
         self.device = resolve_device(device_name)
         self.precision = resolve_precision(rc.precision, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults from re-mapping each step's activations
         self.check_sizes()
         self.per_rank = tc.batch_size // self.group.world
         self.accum = self.per_rank // tc.micro_batch
