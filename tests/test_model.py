@@ -12,10 +12,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_torch.config import preset_names, resolve
-from mae_torch.engine import lr_at, param_groups
 from mae_torch.mae import MaskedAutoencoder
 from mae_torch.models import build_mae, build_vit
 from mae_torch.ops import masked_mse, patchify, sincos_pos_embed
+from mae_torch.optim import lr_at, param_groups
 from mae_torch.vit import ViT
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)

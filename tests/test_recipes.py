@@ -15,7 +15,7 @@ from mae_torch.augment import RA_GROUP, Augment
 from mae_torch.cli import main
 from mae_torch.config import IMAGENET_MEAN, IMAGENET_STD, resolve
 from mae_torch.data import TensorImages, label_subset
-from mae_torch.engine import param_groups
+from mae_torch.optim import param_groups
 from mae_torch.runtime import Normalizer
 from mae_torch.tasks import classification_sums
 from mae_torch.vit import ViT

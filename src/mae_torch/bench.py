@@ -34,9 +34,9 @@ from .config import resolve
 from .convert import hf_config
 from .data import TensorImages, build_datasets
 from .datapath import DataPath
-from .engine import param_groups
 from .memdata import DeviceBatches
 from .models import build_mae, build_vit
+from .optim import param_groups
 from .runtime import (
     Normalizer,
     autocast,

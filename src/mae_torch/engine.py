@@ -3,8 +3,8 @@
 Design decisions:
 - A `Task` hands the loop a model, a training loss, per-batch validation sums and an end-of-epoch hook;
   pretraining and fine-tuning differ only there (see tasks.py).
-- The learning rate is a pure function of the optimizer step (`lr_at`): linear warmup, then cosine, set per
-  iteration. Gradient accumulation reaches the effective batch; `device_batch_size` is what fits in memory.
+- The learning rate is a pure function of the optimizer step (`optim.lr_at`), set per iteration. Gradient
+  accumulation reaches the effective batch; `device_batch_size` is what fits in memory.
 - No host-device sync inside the step: losses are summed on the device and read once per epoch (the
   progress bar reads them every `SYNC_EVERY` steps). Images travel as uint8 and are normalized on the device.
 - Validation runs with a fixed RNG seed (so MAE's validation masks, hence its loss, compare across epochs)
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,6 +42,7 @@ from .datapath import DataPath
 from .dist import Dist, setup
 from .errors import MAEError
 from .log import RunLogger, fmt_time
+from .optim import lr_at, param_groups, scaler_for
 from .runtime import (
     Normalizer,
     atomic_write,
@@ -68,31 +68,7 @@ class Task:
     on_epoch_end: Callable[[int, RunLogger], dict | None] | None = None  # rank 0; may add metrics
 
 
-# ---------------------------------------------------------------- pure pieces
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float = 0.0) -> float:
-    """Linear warmup from 0 to `peak` over `warmup` steps, then half-cosine down to `minimum` at `total`."""
-    if step < warmup:
-        return peak * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return minimum + (peak - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: no decay on biases, norms (1-D) and the names in `model.no_weight_decay()` (positions; the
-    CLS token of a classifier, as the official fine-tuning); frozen ones left out.
-
-    layer_decay < 1: timm's layer-wise lr decay (BEiT, the paper's fine-tuning): block i's lr is scaled by
-    layer_decay^(depth - i), the embeddings' by layer_decay^(depth + 1); groups carry `lr_scale`."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    if layer_decay < 1:
-        return param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ---------------------------------------------------------------- pieces
 
 
 class EarlyStopper:
@@ -147,14 +123,6 @@ def evaluate(
     if n == 0:
         raise MAEError("the evaluation split has no images; add images to it")
     return {k: group.sum_(v).item() / n for k, v in sorted(totals.items())} | {"n": n}
-
-
-def scaler_for(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """fp16 needs loss scaling; for bf16 and fp32 a scale fixed at 1 still finds non-finite gradients and,
-    with a fused optimizer, skips that step's update on the device."""
-    if precision == "fp16":
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)  # powers of 2: exact
 
 
 # ---------------------------------------------------------------- the loop

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mae_torch.lars import LARS
+from mae_torch.optim import LARS
 
 
 def probe() -> nn.Linear:
