@@ -15,8 +15,8 @@ Design decisions:
 - `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
   masks from per-sample shuffles on the host), so the speed-up is a ratio measured in one run.
 - The baseline and the peers run first, with the C library's allocator defaults, as their users get them;
-  mae-torch's rows run after `runtime.keep_freed_memory`, as its training does on CPUs (it cannot be undone
-  in a process, so the order matters).
+  mae-torch's rows run after `runtime.keep_freed_memory`, as its training does on CPUs (it stays set for the
+  rest of the process, so the order matters).
 """
 
 from __future__ import annotations
