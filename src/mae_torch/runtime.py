@@ -58,7 +58,7 @@ def keep_freed_memory() -> bool:
 
     Large allocations come from the heap instead of one mmap each (M_MMAP_MAX = 0) and free memory at the
     heap's top is kept up to 2 GiB (M_TRIM_THRESHOLD), as jemalloc and tcmalloc do: the peak memory of a
-    training step is unchanged, the page faults of re-mapping it every step are gone (1.27x in fp32 on AVX2,
+    training step is unchanged, the page faults of re-mapping it every step are gone (1.27-1.28x in fp32 on AVX2,
     docs/benchmarks.md). Returns whether it was applied: not on other C libraries, and not when the user
     chose an allocator setting (MALLOC_* or GLIBC_TUNABLES variables, or a preloaded allocator)."""
     own = any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
