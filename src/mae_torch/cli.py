@@ -124,11 +124,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR|WEIGHTS",
-        help="a finetune run directory (its best weights), a .safetensors file, or hf-hub:ORG/NAME[@REV] (a repo "
+    tools.add_checkpoint_arg(
+        p,
+        "a finetune run directory (its best weights), a .safetensors file, or hf-hub:ORG/NAME[@REV] (a repo "
         "mae-torch wrote)",
     )
     p.add_argument(
@@ -136,11 +134,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="cifar10/cifar100 (their test split) or a labeled folder (its test/ or val/ subfolder if present)",
     )
-    p.add_argument("--data-root", default="", help="where torchvision datasets live")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    tools.add_loader_args(p, device_help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
-    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
     p.add_argument("--tta-flip", action="store_true", help="average the logits of each image and its mirror")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, loss, n")
 
@@ -166,11 +161,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_reconstruct_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR|WEIGHTS",
-        help="MAE weights with their decoder: a pretrain run directory, its .safetensors, any format mae convert "
+    tools.add_checkpoint_arg(
+        p,
+        "MAE weights with their decoder: a pretrain run directory, its .safetensors, any format mae convert "
         "reads, or hf-hub:ORG/NAME[@REV]",
     )
     p.add_argument(

@@ -8,6 +8,8 @@ Design decisions:
   the default preset, the table passes in as an argument.
 - Like cli.py, it imports only the standard library at the top, so `mae COMMAND --help` loads no torch; each
   `run_NAME` imports the heavy module it needs inside itself, once the arguments are valid.
+- `--checkpoint` and the loader's options (`add_checkpoint_arg`, `add_loader_args`) are written once and used
+  by the commands of both modules, so their spelling and defaults stay the same everywhere.
 - knn and linprobe share their encoder, data and validation options through `add_probe_args` and
   `probe_options`, so the two probes cannot drift apart.
 """
@@ -16,6 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
+
+# ---------------------------------------------------------------- options several commands share
+
+ANY_WEIGHTS = "weights in any format mae convert reads (run directory, file, folder) or hf-hub:ORG/NAME[@REV]"
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser, what: str = ANY_WEIGHTS) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|WEIGHTS", help=what)
+
+
+def add_loader_args(
+    p: argparse.ArgumentParser, batch_size: bool = True, device_help: str = "auto, cpu, cuda, ..."
+) -> None:
+    """Where torchvision datasets live, images per forward pass, the device and the loader's processes."""
+    p.add_argument("--data-root", default="", help="where torchvision datasets live")
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+
 
 # ---------------------------------------------------------------- weights: convert, push
 
@@ -92,12 +114,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def add_embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR|WEIGHTS",
-        help="weights in any format mae convert reads (run directory, file, folder) or hf-hub:ORG/NAME[@REV]",
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--data", required=True, help="cifar10/cifar100 or a folder of images (labeled or not)")
     p.add_argument("--out", default="feats.npy", help="features (N, D); labels go to OUT.labels.npy")
     p.add_argument("--pool", choices=["cls", "avg"], default=None, help="pooling (default: the model's own)")
@@ -107,10 +124,7 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
         default="train",
         help="train: training images (a folder: all of it); eval: the test split, as mae evaluate",
     )
-    p.add_argument("--data-root", default="", help="where torchvision datasets live")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+    add_loader_args(p)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -133,14 +147,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def add_probe_args(p: argparse.ArgumentParser, pool_default: str | None) -> None:
     """The options knn and linprobe share: the encoder, the labeled data and its validation carve."""
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_DIR|WEIGHTS",
-        help="weights in any format mae convert reads (run directory, file, folder) or hf-hub:ORG/NAME[@REV]",
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--data", required=True, help="cifar10/cifar100 or a labeled folder (train/ and val/ or one)")
-    p.add_argument("--data-root", default="", help="where torchvision datasets live")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/")
     p.add_argument("--seed", type=int, default=0, help="validation carve and probe seed")
     p.add_argument(
@@ -149,8 +157,7 @@ def add_probe_args(p: argparse.ArgumentParser, pool_default: str | None) -> None
         default=pool_default,
         help="features: CLS token or mean patch token (knn default: the model's own)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
+    add_loader_args(p, batch_size=False)
 
 
 def probe_options(args: argparse.Namespace) -> dict:
