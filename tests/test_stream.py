@@ -8,12 +8,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mae_torch.cli import main
 from mae_torch.config import resolve
 from mae_torch.data import ImageFiles
 from mae_torch.datapath import train_transform
+from mae_torch.engine import Trainer
 
 
 @pytest.fixture
@@ -65,6 +68,27 @@ def test_streaming_pretraining_and_fine_tuning(wide, tmp_path):
     assert run([*ft, "--pretrained", tmp_path / "pre", "--epochs", "1"], tmp_path, "ft") == 0
     lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and 0 <= lines[0]["val_acc"] <= 1
+
+
+def test_augmentation_is_the_same_with_any_workers_and_after_a_resume(wide, tmp_path, monkeypatch):
+    ft = ["finetune", "--data", wide, "--crop-scale", "0.2", "1", "--hflip", "--randaugment", "2", "--epochs", "2"]
+    ft += ["--batch-size", "4", "--save-every", "1"]
+    assert run([*ft, "--num-workers", "0"], tmp_path, "whole") == 0
+    calls, micro_step = [0], Trainer.micro_step
+
+    def interrupted(self, *a, **kw):  # Ctrl-C in the middle of the second epoch
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt
+        return micro_step(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "micro_step", interrupted)
+    assert run([*ft, "--num-workers", "2"], tmp_path, "cut") != 0
+    monkeypatch.setattr(Trainer, "micro_step", micro_step)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert main(["finetune", "--resume", str(tmp_path / "cut")]) == 0
+    whole, resumed = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("whole", "cut"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -10,13 +10,19 @@ Design decisions:
     erasing (and mixup/cutmix, in the task) still run on the device, on the batch.
 - The streaming path is taken when the data does not fit (memdata.MAX_BYTES) or with `--no-in-memory`.
   Workers only ever see the indices of this process's slice, in the engine's seeded order, so a resumed run
-  and every torchrun process read exactly what an uninterrupted run would.
+  and every torchrun process read exactly what an uninterrupted run would. Each training image also carries
+  its own augmentation seed, drawn with the epoch's order (`Seeded`): a worker seeds the random crop, flip and
+  RandAugment from it, so the augmented images depend neither on the number of workers nor on where a run
+  was resumed.
 - Unreadable files are found where they are read, in the workers (data.ImageFiles): the run stops with the
   file's name, or with `--skip-bad-images` the file is replaced by the next readable one and counted.
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 import torchvision.transforms as T
 from timm.data.auto_augment import rand_augment_transform
@@ -46,6 +52,31 @@ def train_transform(m: ModelConfig, tc: TrainConfig):
         hparams = {"translate_const": int(s * 0.45), "img_mean": tuple(round(255 * v) for v in m.mean)}
         ops.append(rand_augment_transform(f"rand-m9-n{tc.randaugment}-mstd0.5-inc1", hparams))
     return T.Compose(ops)
+
+
+class Seeded(Dataset):
+    """Item (i, seed) -> item i of `inner` with Python's, NumPy's and torch's random numbers seeded by `seed`
+    (torchvision's transforms draw from torch, timm's RandAugment from Python and NumPy); the caller's random
+    state is left as it was, so this also holds in the main process (no workers)."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        py, npy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.inner[i]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 class Order(Sampler):
@@ -88,11 +119,12 @@ class DataPath:
             train = with_files(train, transform=train_transform(m, tc))
             val = with_files(val, crop_pct=m.crop_pct)
             self.files = [files_of(train), files_of(val)]
+            train = Seeded(train)
         self.train, self.val = train, val
         self.augment = Augment(reprob=tc.reprob, device=device) if streaming else on_device
         self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if streaming else "")
 
-    def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool):
+    def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool, seeds=None):
         source = self.train if which == "train" else self.val
         if isinstance(source, DeviceBatches):
             return source.batches(order, batch, drop_last)
@@ -112,12 +144,15 @@ class DataPath:
             )
             self.loaders[key] = sampler, loader
         sampler, loader = self.loaders[key]
-        sampler.indices = order.tolist()
+        sampler.indices = order.tolist() if seeds is None else list(zip(order.tolist(), seeds.tolist()))
         return loader
 
-    def train_batches(self, order: torch.Tensor, batch: int):
-        """(uint8 images, labels) of `order` (this process's indices), `batch` at a time, full batches only."""
-        return self.batches("train", order, batch, drop_last=True)
+    def train_batches(self, order: torch.Tensor, batch: int, seeds: torch.Tensor | None = None):
+        """(uint8 images, labels) of `order` (this process's indices), `batch` at a time, full batches only.
+        `seeds`: each image's augmentation seed on the streaming path (default: drawn from torch's RNG)."""
+        if isinstance(self.train, Seeded) and seeds is None:
+            seeds = torch.randint(2**62, order.shape)
+        return self.batches("train", order, batch, drop_last=True, seeds=seeds)
 
     def val_batches(self, order: torch.Tensor, batch: int):
         return self.batches("val", order, batch, drop_last=False)

@@ -9,7 +9,8 @@ Design decisions:
   progress bar reads them every `SYNC_EVERY` steps). Images travel as uint8 and are normalized on the device.
 - Validation runs with a fixed RNG seed (so MAE's validation masks, hence its loss, compare across epochs)
   without disturbing the training RNG stream.
-- The data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the same batches.
+- The data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the same batches;
+  with it each image gets an augmentation seed, which the streaming path's workers use (datapath.Seeded).
   Under torchrun each process takes its slice of every global batch (DDP averages the gradients, with
   `no_sync` while accumulating); process r seeds its RNG with seed + r; only rank 0 logs and writes.
 - Every epoch (and every `save_every` steps) writes `checkpoint.pt`: everything a resume needs, down to the
@@ -269,12 +270,13 @@ class Trainer:
         self.model.train()
         g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
         order = torch.randperm(self.n_train, generator=g)[: self.steps_per_epoch * tc.batch_size]
-        order = order.view(self.steps_per_epoch, group.world, self.per_rank)[:, group.rank].flatten()  # mine
-        order = order[self.done * self.per_rank :]  # skip what a resumed run already did
+        both = torch.stack([order, torch.randint(2**62, order.shape, generator=g)], 1)  # + augmentation seeds
+        both = both.view(self.steps_per_epoch, group.world, self.per_rank, 2)[:, group.rank].reshape(-1, 2)  # mine
+        order, seeds = both[self.done * self.per_rank :].unbind(1)  # less what a resumed run already did
         loss_sum = torch.tensor(self.carried, device=self.device)  # sum of micro-batch losses this epoch
         self.carried = 0.0
         bar = tqdm(
-            self.data.train_batches(order, tc.micro_batch),
+            self.data.train_batches(order, tc.micro_batch, seeds),
             total=(self.steps_per_epoch - self.done) * self.accum,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             leave=False,
