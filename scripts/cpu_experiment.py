@@ -30,6 +30,8 @@ from pathlib import Path
 import yaml
 from split_cifar_zip import prepare  # scripts/ is on the path of a script run from it
 
+from mae_torch.config import load_preset
+
 VAL_FRACTION = 0.05  # of the 45,000 training images, for fine-tuning's validation (val_acc)
 PRE_VAL_FRACTION = 0.1  # pretraining's default validation split
 
@@ -90,11 +92,14 @@ def main() -> None:
     ap.add_argument("--zip", type=Path, default=Path("../shared/data/cifar10-train-jpeg.zip"))
     ap.add_argument("--preset", default="cifar10-short", help="model and recipe of both stages")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the 10%%-labels runs")
-    ap.add_argument("--pre-epochs", type=int, default=8)
-    ap.add_argument("--ft-epochs", type=int, default=30, help="fine-tuning epochs with 10%% of the labels")
+    ap.add_argument("--pre-epochs", type=int, default=None, help="pretraining epochs (default: preset)")
+    ap.add_argument("--ft-epochs", type=int, default=None, help="epochs with 10%% of the labels (default: preset)")
     ap.add_argument("--all-epochs", type=int, default=6, help="fine-tuning epochs with all labels; 0 = skip (b)")
     ap.add_argument("--label-fraction", type=float, default=0.1)
     args = ap.parse_args()
+    recipe = load_preset(args.preset)
+    args.pre_epochs = args.pre_epochs or recipe["pretrain"]["epochs"]
+    args.ft_epochs = args.ft_epochs or recipe["finetune"]["epochs"]
     work, preset = args.work, ["--preset", args.preset]
     data = prepare(args.zip, work / "data")
     pre = work / "pretrain"
