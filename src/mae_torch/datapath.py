@@ -124,7 +124,7 @@ class DataPath:
         self.augment = Augment(reprob=tc.reprob, device=device) if streaming else on_device
         self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if streaming else "")
 
-    def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool, seeds=None):
+    def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool, seeds: torch.Tensor | None = None):
         source = self.train if which == "train" else self.val
         if isinstance(source, DeviceBatches):
             return source.batches(order, batch, drop_last)
