@@ -206,9 +206,9 @@ def test_finetune_learns_the_colour_classes(data_dir, tmp_path, capsys):
     fresh_rng()
     args = ["--lr", "5e-3", "--warmup-epochs", "0", "--epochs", "3", "--precision", "fp32"]
     assert mae("finetune", *CPU, "--data", data_dir, "--out", run, *args) == 0
+    assert "| lr 0.005 = --lr |" in capsys.readouterr().out  # not derived from blr, so not written as blr x batch
     rows = metrics(run)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    capsys.readouterr()
     assert mae("evaluate", "--checkpoint", run, "--data", data_dir, "--device", "cpu", "--json") == 0
     assert json.loads(capsys.readouterr().out)["top1"] >= 0.95  # red vs blue: labels must match the images
 

@@ -250,12 +250,13 @@ class Trainer:
         """The derived values, printed once at start-up."""
         cfg, tc, group = self.cfg, self.cfg.train, self.group
         n_params = sum(p.numel() for p in self.model.parameters())
+        lr_from = "--lr" if tc.lr > 0 else f"blr {tc.blr:g} x {tc.batch_size}/256"
         self.logger.print(
             f"{cfg.command}: {self.n_train} train / {self.n_val} val images | {n_params / 1e6:.2f}M parameters | "
             f"device {self.device}{f' x {group.world} processes' if group.world > 1 else ''}, precision "
             f"{self.precision}, attention {self.attention}, data {self.data.describe}\n"
             f"  batch {tc.batch_size} = {group.world} x {tc.micro_batch} x {self.accum} accumulation | "
-            f"lr {tc.peak_lr:.3g} = blr {tc.blr:g} x {tc.batch_size}/256 | {self.steps_per_epoch} steps/epoch, "
+            f"lr {tc.peak_lr:.3g} = {lr_from} | {self.steps_per_epoch} steps/epoch, "
             f"{self.total_steps} total, {self.warmup_steps} warmup | monitor {tc.monitor}"
             + (f", patience {tc.patience}" if tc.patience else "")
         )
