@@ -12,11 +12,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_torch.config import preset_names, resolve
-from mae_torch.mae import MaskedAutoencoder
+from mae_torch.mae import MaskedAutoencoder, block_at
 from mae_torch.models import build_mae, build_vit
 from mae_torch.ops import masked_mse, patchify, sincos_pos_embed
 from mae_torch.optim import lr_at, param_groups
-from mae_torch.vit import ViT
+from mae_torch.vit import ViT, set_attention
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 DECODER = dict(decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=2)
@@ -278,6 +278,42 @@ def test_loss_is_masked_mse_of_pred_and_target(norm_pix):
     # and by hand: mean over removed patches of the per-patch mean squared error
     per_patch = ((out.pred - model.target(x)) ** 2).mean(-1)
     torch.testing.assert_close(out.loss, per_patch[out.mask.bool()].mean())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_block_at_rows_is_the_block_at_those_rows(attention, qkv_bias):
+    model = small_mae(qkv_bias=qkv_bias)
+    set_attention(model, attention)
+    block = model.decoder_blocks[0]
+    torch.manual_seed(6)
+    x, rows = torch.randn(3, 1 + L, 24), torch.stack([torch.randperm(1 + L)[:5] for _ in range(3)])
+    want = torch.gather(block(x), 1, rows.unsqueeze(-1).expand(-1, -1, 24))
+    torch.testing.assert_close(block_at(block, x, rows), want)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_path_has_the_same_loss_and_gradients(norm_pix, checkpointing):
+    """pred_visible=False (what training calls) skips the visible patches in the last decoder block."""
+    torch.manual_seed(7)
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, L)
+    runs = []
+    for pred_visible in (True, False):
+        model = small_mae(norm_pix_loss=norm_pix)
+        model.set_grad_checkpointing(checkpointing)
+        out = model(x, noise=noise, pred_visible=pred_visible)
+        out.loss.backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (full, grads), (short, short_grads) = runs
+    torch.testing.assert_close(short.loss, full.loss)
+    assert torch.equal(short.mask, full.mask)
+    removed = full.mask.bool()
+    torch.testing.assert_close(short.pred[removed], full.pred[removed])
+    assert not short.pred[~removed].any()  # visible patches were not predicted
+    assert grads.keys() == short_grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(short_grads[name], g, msg=name)
 
 
 def test_norm_pix_loss_changes_the_target():

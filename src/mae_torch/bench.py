@@ -121,7 +121,7 @@ def make_step(
                 noise = torch.from_numpy(np.argsort(perm, axis=1) / num_patches).float().to(device)
                 loss = forward(x, noise=noise).loss
             else:
-                loss = forward(x).loss
+                loss = forward(x, pred_visible=False).loss  # as training
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -11,6 +11,9 @@ Design decisions:
 - The loss is the mean squared error over removed patches only (Sec. 3 of the paper); with
   `norm_pix_loss` the target is each patch normalized by its own mean and variance.
 - The decoder predicts each patch's pixels in (p, p, c) order, the order of `ops.patchify`.
+- Training calls `forward(..., pred_visible=False)`: the last decoder block then runs for the removed
+  patches' tokens only (`block_at`; every token is still a key and a value), the only outputs the loss reads.
+  Same loss and gradients; a quarter less work in that block at a mask ratio of 0.75 (docs/benchmarks.md).
 
 Legend: B batch, L patches, K kept patches, D encoder width, E decoder width, P = p*p*C pixels per patch.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -86,17 +90,24 @@ class MaskedAutoencoder(ViT):
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, K, D)
         return self.forward_tokens(x), mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Latent (B, 1 + K, D) -> predicted pixels of every patch, (B, L, P)."""
+    def forward_decoder(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Latent (B, 1 + K, D) -> predicted pixels of every patch, (B, L, P); with `rows` (B, M) patch indices,
+        of those patches only, (B, M, P): the last block then runs for those tokens alone."""
         x = self.decoder_embed(latent)  # (B, 1 + K, E)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, E)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, E), shuffled order: kept first
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, E)
-        for block in self.decoder_blocks:
+        last = len(self.decoder_blocks) - (rows is not None)
+        for block in self.decoder_blocks[:last]:
             x = self.run_block(block, x)  # checkpointed if set_grad_checkpointing
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, L, P)
+        if rows is None:
+            return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop CLS: (B, L, P)
+        x = self.run_block(partial(block_at, self.decoder_blocks[-1]), x, rows + 1)  # + 1: after CLS
+        return self.decoder_pred(self.decoder_norm(x))  # (B, M, P)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """What the decoder learns to predict: the patches' pixels, normalized per patch if norm_pix_loss."""
@@ -104,9 +115,42 @@ class MaskedAutoencoder(ViT):
         return norm_patches(target) if self.norm_pix_loss else target
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        pred_visible: bool = True,
     ) -> MAEOutput:
+        """pred_visible=False skips the work only the visible patches' predictions need (their tokens in the
+        last decoder block; the loss never reads them): the same loss and gradients for less compute, and
+        `pred` is 0 at visible patches. Training takes this path."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
+        if pred_visible:
+            pred = self.forward_decoder(latent, ids_restore)
+        else:
+            removed = torch.argsort(ids_restore, dim=1)[:, latent.shape[1] - 1 :]  # (B, L - K), as masked
+            pred_removed = self.forward_decoder(latent, ids_restore, removed)  # (B, L - K, P)
+            index = removed.unsqueeze(-1).expand(-1, -1, pred_removed.shape[-1])
+            pred = pred_removed.new_zeros(*mask.shape, pred_removed.shape[-1]).scatter(1, index, pred_removed)
         return MAEOutput(loss=masked_mse(pred, self.target(imgs), mask), pred=pred, mask=mask)
+
+
+def block_at(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """timm `Block`'s output at the tokens `rows` (B, M) of x (B, N, E) only, (B, M, E): every token is still a
+    key and a value, only the rows are queries. For MAE's own decoder blocks (no layer scale, drop path or
+    query-key norm); tests/test_model.py checks it against the block."""
+    attn = block.attn
+    B, N, E = x.shape
+    heads, w, b = attn.num_heads, attn.qkv.weight, attn.qkv.bias
+    h = block.norm1(x)
+    k, v = F.linear(h, w[E:], None if b is None else b[E:]).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    index = rows.unsqueeze(-1).expand(-1, -1, E)
+    x, h = torch.gather(x, 1, index), torch.gather(h, 1, index)  # (B, M, E)
+    q = F.linear(h, w[:E], None if b is None else b[:E]).view(B, -1, heads, k.shape[-1]).transpose(1, 2)
+    if attn.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:  # matmul + softmax, as timm's Attention when fused_attn is off
+        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    x = x + attn.proj(o.transpose(1, 2).reshape(B, -1, E))
+    return x + block.mlp(block.norm2(x))

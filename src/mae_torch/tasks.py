@@ -81,10 +81,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         return None
 
     def eval_sums(model, x, y):
-        return {"loss": model(x).loss * len(x)}
+        return {"loss": model(x, pred_visible=False).loss * len(x)}
 
     meta = {"arch": "mae", "model": asdict(cfg.model), "classes": classes}
-    task = Task(model, lambda model, x, y: model(x).loss, eval_sums, meta, show)
+    task = Task(model, lambda model, x, y: model(x, pred_visible=False).loss, eval_sums, meta, show)
     return fit(task, train_ds, val_ds, cfg, run_dir, resume)
 
 

@@ -163,11 +163,11 @@ class ViT(nn.Module):
         less memory for large models, about a third more compute, the same gradients."""
         self.grad_checkpointing = enable
 
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block, *args: torch.Tensor) -> torch.Tensor:
         """One transformer block (encoder or decoder), through `checkpoint` when gradient checkpointing is on."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> patch tokens with positions, (B, L, D); no CLS token yet."""
