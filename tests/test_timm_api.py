@@ -212,11 +212,12 @@ def test_grad_checkpointing_gives_the_same_vit_gradients(checkpoint_calls):
     assert_same_gradients(vit, loss, checkpoint_calls, blocks=3)
 
 
-def test_grad_checkpointing_gives_the_same_mae_gradients(checkpoint_calls):
+@pytest.mark.parametrize("pred_visible", [True, False])  # False: training's path, the last block on some rows
+def test_grad_checkpointing_gives_the_same_mae_gradients(checkpoint_calls, pred_visible):
     torch.manual_seed(0)
     mae = randomize(MaskedAutoencoder(**SMALL, **DECODER)).train()
     x, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
-    loss = lambda model: model(x, noise=noise).loss  # noqa: E731  same noise, same mask
+    loss = lambda model: model(x, noise=noise, pred_visible=pred_visible).loss  # noqa: E731  same noise, same mask
     assert_same_gradients(mae, loss, checkpoint_calls, blocks=3 + 2)  # encoder and decoder blocks
 
 
