@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from mae_torch.ops import masked_mse, norm_patches, patchify, random_masking, sincos_pos_embed, unpatchify
+from mae_torch.ops import (
+    masked_mse,
+    norm_patches,
+    patchify,
+    random_masking,
+    sincos_pos_embed,
+    take_rows,
+    unpatchify,
+)
 
 # ---------------------------------------------------------------- patchify / unpatchify
 
@@ -66,6 +74,19 @@ def test_patchify_pixel_order(C, H, W, p):
 def _tokens(B, L, D=3):
     """x[b, l, :] = l (+ a per-sample offset), so a token's value names its patch index."""
     return (torch.arange(L).view(1, L, 1) + 1000 * torch.arange(B).view(B, 1, 1)).expand(B, L, D).double()
+
+
+def test_take_rows_is_gather_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    index = torch.tensor([[6, 0, 2, 2], [1, 1, 1, 1], [5, 4, 3, 0]])  # repeats too: their gradients add up
+    want = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, 5))
+    got = take_rows(x, index)
+    assert torch.equal(got, want)
+    g = torch.randn(3, 4, 5)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(got_grad, want_grad)
 
 
 @pytest.mark.parametrize("L,ratio", [(64, 0.75), (16, 0.5), (10, 0.75), (49, 0.6), (7, 0.9)])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .ops import masked_mse, norm_patches, patchify, random_masking
+from .ops import masked_mse, norm_patches, patchify, random_masking, take_rows
 from .vit import ViT, init_pos_embed, init_weights
 
 
@@ -99,7 +99,7 @@ class MaskedAutoencoder(ViT):
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, E)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, E), shuffled order: kept first
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # patch order
+        x_ = take_rows(x_, ids_restore)  # patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, E)
         last = len(self.decoder_blocks) - (rows is not None)
         for block in self.decoder_blocks[:last]:
@@ -145,8 +145,7 @@ def block_at(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     heads, w, b = attn.num_heads, attn.qkv.weight, attn.qkv.bias
     h = block.norm1(x)
     k, v = F.linear(h, w[E:], None if b is None else b[E:]).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
-    index = rows.unsqueeze(-1).expand(-1, -1, E)
-    x, h = torch.gather(x, 1, index), torch.gather(h, 1, index)  # (B, M, E)
+    x, h = take_rows(x, rows), take_rows(h, rows)  # (B, M, E)
     q = F.linear(h, w[:E], None if b is None else b[:E]).view(B, -1, heads, k.shape[-1]).transpose(1, 2)
     if attn.fused_attn:
         o = F.scaled_dot_product_attention(q, k, v)

@@ -36,6 +36,15 @@ def unpatchify(x: torch.Tensor, p: int, h: int, w: int | None = None) -> torch.T
     return x.reshape(B, C, h * p, w * p)
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), index (B, M) -> (B, M, D), row m of sample b being x[b, index[b, m]]: `torch.gather` with
+    the index expanded over D (the official code's form), as one flat `index_select`, the same numbers with a
+    backward about 3x faster on CPUs (docs/benchmarks.md)."""
+    B, N, D = x.shape
+    flat = (index + N * torch.arange(B, device=index.device).unsqueeze(1)).flatten()
+    return x.reshape(B * N, D).index_select(0, flat).view(B, -1, D)
+
+
 def random_masking(
     x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,14 +54,14 @@ def random_masking(
     Returns kept (B, K, D), mask (B, L; 1 = removed) and ids_restore (B, L), which puts a sequence in
     shuffled order (kept first, then removed) back in patch order. K = int(L * (1 - mask_ratio)).
     """
-    B, L, D = x.shape
+    B, L, _ = x.shape
     K = int(L * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :K]
-    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
+    kept = take_rows(x, ids_keep)  # (B, K, D)
     mask = torch.ones(B, L, device=x.device)  # float32 even under autocast: its sum must be exact
     mask[:, :K] = 0
     mask = torch.gather(mask, 1, ids_restore)  # back to patch order
