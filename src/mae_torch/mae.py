@@ -34,9 +34,10 @@ from .vit import ViT, init_pos_embed, init_weights
 
 @dataclass
 class MAEOutput:
+    """What `MaskedAutoencoder.forward` returns; with pred_visible=False, `pred` is 0 at visible patches."""
+
     loss: torch.Tensor  # scalar: MSE over removed patches
-    pred: torch.Tensor  # (B, L, P): each patch's predicted pixels, in the target's space; with pred_visible=False
-    #   the visible patches' rows are 0
+    pred: torch.Tensor  # (B, L, P): predicted pixels of every patch (in the target's space)
     mask: torch.Tensor  # (B, L): 1 = removed, 0 = visible
 
 
