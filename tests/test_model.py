@@ -15,7 +15,7 @@ from mae_torch.config import preset_names, resolve
 from mae_torch.mae import MaskedAutoencoder, block_at
 from mae_torch.models import build_mae, build_vit
 from mae_torch.ops import masked_mse, patchify, sincos_pos_embed
-from mae_torch.optim import lr_at, param_groups
+from mae_torch.optim import adamw, lr_at, param_groups
 from mae_torch.vit import ViT, set_attention
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -423,6 +423,27 @@ def test_param_groups_of_a_classifier():
     assert id(vit.cls_token) in ids and id(vit.pos_embed) in ids and id(vit.fc_norm.weight) in ids
     assert id(vit.head.bias) in ids
     assert {id(p) for p in decay["params"]} == {id(p) for n, p in vit.named_parameters() if p.ndim >= 2} - ids
+
+
+def test_training_optimizer_is_fused_adamw_with_the_configs_settings():
+    tc = resolve("pretrain", "smoke").train
+    model = small_mae()
+    opt = adamw(model, tc, torch.device("cpu"))
+    assert opt.defaults["fused"] and opt.defaults["lr"] == tc.peak_lr and opt.defaults["betas"] == tc.betas
+    assert [g["weight_decay"] for g in opt.param_groups] == [tc.weight_decay, 0.0]
+    # the fused kernel takes the same steps as PyTorch's default (foreach) AdamW
+    twin = small_mae()
+    plain = torch.optim.AdamW(param_groups(twin, tc.weight_decay), lr=tc.peak_lr, betas=tc.betas)
+    imgs = torch.randn(2, 3, 16, 16)
+    for _ in range(3):
+        noise = torch.rand(2, L)
+        for m, o in ((model, opt), (twin, plain)):
+            m(imgs, noise=noise).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if not name.endswith("qkv.bias"):  # keys' biases get a zero gradient, so Adam's step there is rounding
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_lr_at_schedule():

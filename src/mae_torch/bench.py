@@ -2,18 +2,20 @@
 
 Design decisions:
 - A step is what training does: a uint8 batch indexed from images held on the device -> normalize
-  (-> augment) -> forward -> backward -> AdamW update, timed after warm-up with one device sync per timed
-  block, never per step. The batch-making part is also timed alone ("data", a share of the step).
+  (-> augment) -> forward -> backward -> AdamW update (training's `optim.adamw` and gradient scaler), timed
+  after warm-up with one device sync per timed block, never per step. The batch-making part is also timed
+  alone ("data", a share of the step).
 - FLOPs come from `torch.utils.flop_counter` on one step, with attention forced to the math kernel while
   counting so its matrix products are seen; achieved TFLOP/s = FLOPs per image x img/s.
 - The peak is measured, not looked up: the best of a few large matrix products in the same precision.
 - `--data FOLDER` also times the streaming data path alone (listing, then decoding and augmenting in
   DataLoader workers, the batch on the device) at the preset's size, beside the model step, so a user sees
   whether the accelerator would wait on data.
-- `--peers` also times transformers' ViTMAEForPreTraining (SDPA attention) on the same shapes, in the same
-  precision and process, when transformers is installed.
+- `--peers` also times transformers' ViTMAEForPreTraining (SDPA attention, fused AdamW: its Trainer's default
+  with torch >= 2.8) on the same shapes, in the same precision and process, when transformers is installed.
 - `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
-  masks from per-sample shuffles on the host), so the speed-up is a ratio measured in one run.
+  masks from per-sample shuffles on the host, PyTorch's default AdamW), so the speed-up is a ratio measured in
+  one run.
 - The baseline and the peers run first, with the C library's allocator defaults, as their users get them;
   mae-torch's rows run after `runtime.keep_freed_memory`, as its training does on CPUs (it stays set for the
   rest of the process, so the order matters).
@@ -36,7 +38,7 @@ from .data import TensorImages, build_datasets
 from .datapath import DataPath
 from .memdata import DeviceBatches
 from .models import build_mae, build_vit
-from .optim import param_groups
+from .optim import adamw, param_groups, scaler_for
 from .runtime import (
     Normalizer,
     autocast,
@@ -95,7 +97,11 @@ def make_step(
         kernel = "sdpa" if design == "baseline" else resolve_attention(attention, device, precision)
         set_attention(model, kernel)  # the baseline: timm's default
     forward = torch.compile(model) if compile else model
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    if design == "mae-torch":  # training's optimizer and gradient scaler
+        opt, scaler = adamw(model, tc, device), scaler_for(device, precision)
+    else:  # as their users get it: plain AdamW (the starting project), fused (transformers' Trainer default)
+        fused = design == "transformers" and device.type in ("cpu", "cuda")
+        opt, scaler = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused), None
     m = cfg.model
     pool = torch.randint(0, 256, (4 * batch, m.in_chans, m.img_size, m.img_size), dtype=torch.uint8)
     data_set = DeviceBatches(TensorImages(pool, torch.randint(0, 10, (4 * batch,))), device)  # as in training
@@ -122,8 +128,13 @@ def make_step(
                 loss = forward(x, noise=noise).loss
             else:
                 loss = forward(x, pred_visible=False).loss  # as training
-        loss.backward()
-        opt.step()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, data

@@ -43,7 +43,7 @@ from .datapath import DataPath
 from .dist import Dist, setup
 from .errors import MAEError
 from .log import RunLogger, fmt_time
-from .optim import lr_at, param_groups, scaler_for
+from .optim import adamw, lr_at, scaler_for
 from .runtime import (
     Normalizer,
     atomic_write,
@@ -182,12 +182,7 @@ class Trainer:
             else self.model
         )
         self.forward = torch.compile(self.ddp) if rc.compile else self.ddp
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, tc.weight_decay, tc.layer_decay),
-            lr=tc.peak_lr,
-            betas=tc.betas,
-            fused=self.device.type in ("cpu", "cuda"),
-        )
+        self.optimizer = adamw(self.model, tc, self.device)
         self.scaler = scaler_for(self.device, self.precision)
         self.ema = ModelEmaV3(self.model, decay=tc.ema_decay) if tc.ema_decay else None  # validated and saved
         self.judged = self.ema.module if self.ema else self.model

@@ -3,6 +3,8 @@
 Design decisions:
 - The learning rate is a pure function of the optimizer step (`lr_at`): linear warmup, then half-cosine;
   the engine and the linear probe set it every step.
+- Training's optimizer is `adamw`: AdamW over those groups, fused on CPUs and CUDA GPUs (one kernel for every
+  parameter); `mae bench` times the same optimizer.
 - Weight decay skips biases, norms (1-D) and what a model's `no_weight_decay()` names; layer-wise lr decay is
   timm's (`param_groups_layer_decay`), as the paper's fine-tuning.
 - LARS (You et al. 2017) as the official MAE code has it (util/lars.py), for the linear probe: every
@@ -44,6 +46,16 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
+    """Training's optimizer for a `TrainConfig` (its weight decay, layer decay, peak lr and betas)."""
+    return torch.optim.AdamW(
+        param_groups(model, tc.weight_decay, tc.layer_decay),
+        lr=tc.peak_lr,
+        betas=tc.betas,
+        fused=device.type in ("cpu", "cuda"),
+    )
 
 
 def scaler_for(device: torch.device, precision: str) -> torch.amp.GradScaler:
