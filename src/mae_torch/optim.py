@@ -23,6 +23,8 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from .config import TrainConfig
+
 
 def lr_at(step: int, total: int, warmup: int, peak: float, minimum: float = 0.0) -> float:
     """Linear warmup from 0 to `peak` over `warmup` steps, then half-cosine down to `minimum` at `total`."""
@@ -48,8 +50,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
-    """Training's optimizer for a `TrainConfig` (its weight decay, layer decay, peak lr and betas)."""
+def adamw(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Training's optimizer: the config's weight decay, layer decay, peak lr and betas."""
     return torch.optim.AdamW(
         param_groups(model, tc.weight_decay, tc.layer_decay),
         lr=tc.peak_lr,
