@@ -101,7 +101,8 @@ def make_step(
         opt, scaler = adamw(model, tc, device), scaler_for(device, precision)
     else:  # as their users get it: plain AdamW (the starting project), fused (transformers' Trainer default)
         fused = design == "transformers" and device.type in ("cpu", "cuda")
-        opt, scaler = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused), None
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)  # a pass-through
     m = cfg.model
     pool = torch.randint(0, 256, (4 * batch, m.in_chans, m.img_size, m.img_size), dtype=torch.uint8)
     data_set = DeviceBatches(TensorImages(pool, torch.randint(0, 10, (4 * batch,))), device)  # as in training
@@ -128,13 +129,9 @@ def make_step(
                 loss = forward(x, noise=noise).loss
             else:
                 loss = forward(x, pred_visible=False).loss  # as training
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step, data
