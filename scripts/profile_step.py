@@ -1,7 +1,9 @@
 """Where a training step's time goes: every ATen call of one `mae bench` step timed on its own, summed by
-operator, with the matrix products' achieved TFLOP/s.
+operator, with the matrix products' achieved TFLOP/s; before it, the wall time, CPU time, system time and
+page faults of a few untimed steps.
 
-    python scripts/profile_step.py [--preset cifar10-vit-tiny --batch 128 --precision auto --mode pretrain]
+    python scripts/profile_step.py [--preset cifar10-vit-tiny --batch 128 --precision auto --mode pretrain
+                                    --design mae-torch|baseline --steps 3 --top 20]
 
 CPU only. Each call is timed as it runs (a `TorchDispatchMode` around the step), so the sum is close to the
 step's own time; `torch.profiler` attributed several times more to some memory-bound calls (gelu_backward)
@@ -9,6 +11,7 @@ than they take (docs/benchmarks.md).
 """
 
 import argparse
+import resource
 import time
 from collections import Counter, defaultdict
 
@@ -46,24 +49,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"])
+    ap.add_argument("--design", default="mae-torch", choices=["mae-torch", "baseline"])
+    ap.add_argument("--steps", type=int, default=3, help="untimed steps measured with getrusage")
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
     cpu = torch.device("cpu")
-    precision = resolve_precision(a.precision, cpu)
-    keep_freed_memory()  # as training and `mae bench` do
-    step, _ = make_step(a.mode, a.preset, a.batch, cpu, precision)
+    precision = resolve_precision(a.precision, cpu) if a.design == "mae-torch" else "fp32"  # the baseline's
+    if a.design == "mae-torch":
+        keep_freed_memory()  # as training and `mae bench` do; the baseline keeps the C library's defaults
+    step, _ = make_step(a.mode, a.preset, a.batch, cpu, precision, a.design)
     for _ in range(2):
         step()
-    t = time.perf_counter()
-    step()
-    plain = time.perf_counter() - t
+    print(f"{a.design} {a.mode} {a.preset} batch {a.batch} {precision}")
+    for _ in range(a.steps):
+        r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        step()
+        r1, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
+        print(
+            f"untimed step: {seconds:.3f} s; CPU time {r1.ru_utime - r0.ru_utime:.2f} s user + "
+            f"{r1.ru_stime - r0.ru_stime:.2f} s system; {r1.ru_minflt - r0.ru_minflt} page faults"
+        )
     times = OpTimes()
     with times:
         step()
-    print(
-        f"{a.mode} {a.preset} batch {a.batch} {precision}: {plain:.3f} s per step untimed, ATen calls sum to "
-        f"{sum(times.seconds.values()):.3f} s"
-    )
+    print(f"ATen calls of the next step sum to {sum(times.seconds.values()):.3f} s")
     print(f"a large {precision} matrix product now: {measured_peak(cpu, precision):.3f} TFLOP/s")
     for name, s in times.seconds.most_common(a.top):
         rate = f"  {times.flops[name] / s / 1e12:.3f} TFLOP/s" if name in MATMULS else ""
