@@ -3,7 +3,7 @@ operator, with the matrix products' achieved TFLOP/s; before it, the wall time, 
 page faults of a few untimed steps.
 
     python scripts/profile_step.py [--preset cifar10-vit-tiny --batch 128 --precision auto --mode pretrain
-                                    --design mae-torch|baseline --steps 3 --top 20]
+                                    --design mae-torch|baseline --attention auto --steps 3 --top 20]
 
 CPU only. Each call is timed as it runs (a `TorchDispatchMode` around the step), so the sum is close to the
 step's own time; `torch.profiler` attributed several times more to some memory-bound calls (gelu_backward)
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"])
     ap.add_argument("--design", default="mae-torch", choices=["mae-torch", "baseline"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"])
     ap.add_argument("--steps", type=int, default=3, help="untimed steps measured with getrusage")
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
     precision = resolve_precision(a.precision, cpu) if a.design == "mae-torch" else "fp32"  # the baseline's
     if a.design == "mae-torch":
         keep_freed_memory()  # as training and `mae bench` do; the baseline keeps the C library's defaults
-    step, _ = make_step(a.mode, a.preset, a.batch, cpu, precision, a.design)
+    step, _ = make_step(a.mode, a.preset, a.batch, cpu, precision, a.design, attention=a.attention)
     for _ in range(2):
         step()
     print(f"{a.design} {a.mode} {a.preset} batch {a.batch} {precision}")
