@@ -38,7 +38,7 @@ from .data import TensorImages, build_datasets
 from .datapath import DataPath
 from .memdata import DeviceBatches
 from .models import build_mae, build_vit
-from .optim import adamw, param_groups, scaler_for
+from .optim import adamw, fused_adamw_on, param_groups, scaler_for
 from .runtime import (
     Normalizer,
     autocast,
@@ -100,7 +100,7 @@ def make_step(
     if design == "mae-torch":  # training's optimizer and gradient scaler
         opt, scaler = adamw(model, tc, device), scaler_for(device, precision)
     else:  # as their users get it: plain AdamW (the starting project), fused (transformers' Trainer default)
-        fused = design == "transformers" and device.type in ("cpu", "cuda")
+        fused = design == "transformers" and fused_adamw_on(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused)
         scaler = torch.amp.GradScaler(device.type, enabled=False)  # a pass-through
     m = cfg.model

@@ -50,13 +50,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_on(device: torch.device) -> bool:
+    """Where PyTorch's fused AdamW kernel runs."""
+    return device.type in ("cpu", "cuda")
+
+
 def adamw(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """Training's optimizer: the config's weight decay, layer decay, peak lr and betas."""
     return torch.optim.AdamW(
         param_groups(model, tc.weight_decay, tc.layer_decay),
         lr=tc.peak_lr,
         betas=tc.betas,
-        fused=device.type in ("cpu", "cuda"),
+        fused=fused_adamw_on(device),
     )
 
 
