@@ -226,3 +226,29 @@ def test_auto_device_prefers_cuda_then_an_apple_gpu_then_the_cpu(monkeypatch, cu
         if not ok:
             with pytest.raises(MAEError, match=f"device {name} asked for but .* use --device cpu"):
                 resolve_device(name)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "limit", "expected"),
+    [
+        (True, False, None, "bf16"),
+        (False, True, None, "bf16"),
+        (False, False, None, "fp32"),
+        (True, True, "AVX2", "fp32"),
+        (True, False, "avx512_core_bf16", "bf16"),
+    ],
+)
+def test_auto_cpu_precision_is_bf16_only_where_onednn_may_use_bf16_units(
+    monkeypatch, avx512_bf16, amx, limit, expected
+):
+    from mae_torch.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if limit is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:  # the user limited oneDNN: its bf16 products would be emulated, many times slower than fp32
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"

@@ -2,7 +2,8 @@
 
 Design decisions:
 - `auto` everywhere means the measured fast path: bf16 autocast on GPUs and on CPUs with bf16 instructions
-  (AVX-512 BF16 or AMX); SDPA attention, except matmul + softmax on CPUs in bf16 (docs/benchmarks.md).
+  (AVX-512 BF16 or AMX, on any OS; not when ONEDNN_MAX_CPU_ISA limits oneDNN below them); SDPA attention,
+  except matmul + softmax on CPUs in bf16 (docs/benchmarks.md).
 - Images travel as uint8 and are normalized on the device: a quarter of the bytes to move.
 - On CPUs under glibc, freed memory stays in the process (`keep_freed_memory`): glibc otherwise maps every
   large tensor afresh and unmaps it when freed, so each step faults its activations in again page by page
@@ -88,8 +89,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) under which its bf16 matrix products are emulated, not native
+ISAS_WITHOUT_BF16 = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_MIC",
+    "AVX512_MIC_4OPS",
+}
+
+
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off: asked of
+    PyTorch's CPU detection (any OS), else read from /proc/cpuinfo. False when oneDNN, which runs the bf16
+    matrix products, is limited to an older instruction set (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if limit.upper() in ISAS_WITHOUT_BF16:
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(checks):
+        return any(check() for check in checks)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
