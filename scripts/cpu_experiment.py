@@ -9,8 +9,8 @@ each class are held out for the final numbers and never used for training or for
    (b) All labels, one seed: fine-tuning from the MAE encoder, and from scratch for as many more epochs as the
    pretraining cost (in FLOP, as `mae bench` counts them), so both sides get the same total compute.
 3. Every run's last-epoch weights are evaluated on the held-out images (`mae evaluate`); results.md gets the
-   tables (mean +- std over seeds), the compute in PFLOP, the minutes and the CPU's flags; compare.png and
-   compare-all-labels.png the curves. Each run's final weights stay in its folder (model.safetensors).
+   tables (mean +- std over seeds), the compute in PFLOP, the minutes and the machine (as `mae bench` names it);
+   compare.png and compare-all-labels.png the curves. Each run's final weights stay in its folder (model.safetensors).
 
 Epoch-based: a rerun trains the same thing. A finished run (all its epochs in metrics.jsonl) is kept, so a
 stopped experiment picks up where it stopped (another preset or recipe needs another --work).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -55,18 +54,10 @@ def train(job: str, run: Path, epochs: int, *args) -> None:
     mae(job, *args, "--epochs", epochs, "--out", run, "--overwrite")
 
 
-def gflop_per_image(preset: str) -> dict[str, float]:
-    """Forward + backward GFLOP per image of each stage, as `mae bench` counts them."""
+def bench_rows(preset: str) -> list[dict]:
+    """`mae bench` of one pretraining and one fine-tuning step: GFLOP per image, and the machine it ran on."""
     out = mae("bench", "--preset", preset, "--batch-size", 8, "--steps", 1, "--warmup", 0, "--mode", "both", "--json")
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {r["mode"]: r["gflop_per_img"] for r in rows}
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    kinds = sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text)))
-    return f"{model.group(1) if model else 'unknown CPU'}; flags {' '.join(kinds) or 'none of avx2/avx512/amx'}"
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def cell(v: list[float]) -> str:
@@ -120,11 +111,12 @@ def main() -> None:
             top1, val_acc = finetune(run, args.ft_epochs, init, seed, args.label_fraction)
             few[0][init].append(top1)
             few[1][init].append(val_acc)
-    flop = gflop_per_image(args.preset)
+    rows = bench_rows(args.preset)
+    flop = {r["mode"]: r["gflop_per_img"] for r in rows}
     pre_images = args.pre_epochs * (1 - PRE_VAL_FRACTION)  # in units of the 45,000 images
     extra = round(pre_images * flop["pretrain"] / ((1 - VAL_FRACTION) * flop["finetune"]))
     report = [
-        f"# MAE against scratch on CIFAR-10 (`{args.preset}`), {cpu_flags()}\n",
+        f"# MAE against scratch on CIFAR-10 (`{args.preset}`), {rows[0]['machine']}\n",
         table(f"{int(100 * args.label_fraction)}% of the labels", *few),
         f"\n{args.pre_epochs} pretraining epochs, then {args.ft_epochs} fine-tuning epochs on each side; seeds "
         f"{' '.join(map(str, args.seeds))}.",

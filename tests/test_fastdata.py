@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mae_torch.augment import random_hflip, random_resized_crop, random_translate
+from mae_torch.bench import CPU_FEATURES, KERNEL_LIMITS, cpu_model, machine
 from mae_torch.cli import main
 from mae_torch.data import ImageFiles, build_datasets
 from mae_torch.memdata import DeviceBatches, in_memory
@@ -206,8 +207,28 @@ def test_bench_times_transformers_beside_ours(capsys):
     # the same shapes: like the starting design, transformers predicts every patch (training skips the visible)
     assert rows["transformers"]["gflop_per_img"] == pytest.approx(rows["baseline"]["gflop_per_img"], rel=0.05)
     assert rows["mae-torch"]["gflop_per_img"] < rows["baseline"]["gflop_per_img"]
+    assert {r["machine"] for r in rows.values()} == {machine(CPU)}
     assert main([*args, "--mode", "pretrain", "--peers"]) == 0
-    assert "pretraining speed-up over transformers' ViTMAE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"machine: {machine(CPU)}\n") and "pretraining speed-up over transformers' ViTMAE" in out
+
+
+@pytest.mark.parametrize("features", [True, False])
+def test_bench_names_the_cpu_kind_and_the_kernel_limits_set(monkeypatch, features):
+    for name in CPU_FEATURES:
+        monkeypatch.setattr(torch.cpu, f"_is_{name}_supported", lambda: features, raising=False)
+    for name in KERNEL_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    if features:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    text = machine(CPU)
+    assert text.startswith(cpu_model()) and text.endswith(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    if features:
+        assert "(avx2 avx512 avx512_bf16 amx_tile), limited by ONEDNN_MAX_CPU_ISA=AVX2;" in text
+    else:
+        assert "(none of avx2 avx512 avx512_bf16 amx_tile);" in text and "limited" not in text
 
 
 @pytest.mark.parametrize(

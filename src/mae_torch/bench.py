@@ -16,6 +16,9 @@ Design decisions:
 - `--baseline` also times the starting project's design on the same shapes in the same process (fp32, eager,
   masks from per-sample shuffles on the host, PyTorch's default AdamW), so the speed-up is a ratio measured in
   one run.
+- Every result names the machine (`machine`): the GPU, or the CPU's model, the instruction sets that decide its
+  fast path (PyTorch's detection) and any limits set on ATen's, oneDNN's or MKL's kernels, so a figure is never
+  separated from the CPU kind it was measured on.
 - The baseline and the peers run first, with the C library's allocator defaults, as their users get them;
   mae-torch's rows run after `runtime.keep_freed_memory`, as its training does on CPUs (it stays set for the
   rest of the process, so the order matters).
@@ -23,7 +26,10 @@ Design decisions:
 
 from __future__ import annotations
 
+import os
+import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +54,33 @@ from .runtime import (
     resolve_precision,
 )
 from .vit import set_attention
+
+CPU_FEATURES = ("avx2", "avx512", "avx512_bf16", "amx_tile")  # as PyTorch names them: torch.cpu._is_NAME_supported
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def machine(device: torch.device) -> str:
+    """What a figure was measured on: the GPU's name, or the CPU's model, which of CPU_FEATURES it has and the
+    kernel limits set in the environment; then torch's version and threads."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        what = f"Apple GPU (MPS) of {cpu_model()}"
+    else:
+        found = [f for f in CPU_FEATURES if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+        limits = [f"{k}={os.environ[k]}" for k in KERNEL_LIMITS if k in os.environ]
+        what = f"{cpu_model()} ({' '.join(found) or 'none of ' + ' '.join(CPU_FEATURES)})"
+        what += f", limited by {' '.join(limits)}" if limits else ""
+    return f"{what}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def sync(device: torch.device) -> None:
@@ -203,6 +236,7 @@ def bench(
             "fraction_of_peak": tflops / peaks[p],
             "data_fraction": data_s / seconds,
             "threads": torch.get_num_threads(),
+            "machine": machine(dev),
             "kept_freed_memory": kept and not base,
         }
 

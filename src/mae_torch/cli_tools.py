@@ -251,8 +251,11 @@ def add_bench_args(p: argparse.ArgumentParser, preset: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench import bench, data_throughput, describe
+    from .bench import bench, data_throughput, describe, machine
+    from .runtime import resolve_device
 
+    if not args.json:
+        print(f"machine: {machine(resolve_device(args.device))}", flush=True)
     modes = ("pretrain", "finetune") if args.mode == "both" else (args.mode,)
     results = []
     for r in bench(

@@ -90,16 +90,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) under which its bf16 matrix products are emulated, not native
-ISAS_WITHOUT_BF16 = {
-    "SSE41",
-    "AVX",
-    "AVX2",
-    "AVX2_VNNI",
-    "AVX512_CORE",
-    "AVX512_CORE_VNNI",
-    "AVX512_MIC",
-    "AVX512_MIC_4OPS",
-}
+ISAS_WITHOUT_BF16 = frozenset(
+    "SSE41 AVX AVX2 AVX2_VNNI AVX512_CORE AVX512_CORE_VNNI AVX512_MIC AVX512_MIC_4OPS".split()
+)
 
 
 def cpu_has_bf16() -> bool:
