@@ -229,6 +229,8 @@ def test_bench_names_the_cpu_kind_and_the_kernel_limits_set(monkeypatch, feature
         assert "(avx2 avx512 avx512_bf16 amx_tile), limited by ONEDNN_MAX_CPU_ISA=AVX2;" in text
     else:
         assert "(none of avx2 avx512 avx512_bf16 amx_tile);" in text and "limited" not in text
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert machine(torch.device("cuda")).startswith("NVIDIA H200; torch ")  # a GPU by its name, no CPU flags
 
 
 @pytest.mark.parametrize(
