@@ -46,8 +46,10 @@ from .memdata import DeviceBatches
 from .models import build_mae, build_vit
 from .optim import adamw, fused_adamw_on, param_groups, scaler_for
 from .runtime import (
+    CPU_FEATURES,
     Normalizer,
     autocast,
+    cpu_features,
     keep_freed_memory,
     resolve_attention,
     resolve_device,
@@ -55,7 +57,6 @@ from .runtime import (
 )
 from .vit import set_attention
 
-CPU_FEATURES = ("avx2", "avx512", "avx512_bf16", "amx_tile")  # as PyTorch names them: torch.cpu._is_NAME_supported
 KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -76,7 +77,7 @@ def machine(device: torch.device) -> str:
     elif device.type == "mps":
         what = f"Apple GPU (MPS) of {cpu_model()}"
     else:
-        found = [f for f in CPU_FEATURES if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+        found = [f for f in CPU_FEATURES if f in cpu_features()]
         limits = [f"{k}={os.environ[k]}" for k in KERNEL_LIMITS if k in os.environ]
         what = f"{cpu_model()} ({' '.join(found) or 'none of ' + ' '.join(CPU_FEATURES)})"
         what += f", limited by {' '.join(limits)}" if limits else ""
@@ -204,7 +205,7 @@ def bench(
     if peers:
         runs.append(("pretrain", prec, "transformers", False))
     runs += [(mode, prec, "mae-torch", compile) for mode in modes]  # last: they keep freed memory on CPUs
-    kept = False
+    kept, where = False, machine(dev)
     for mode, p, design, comp in runs:
         base = design != "mae-torch"
         if not base and dev.type == "cpu" and not kept:
@@ -236,7 +237,7 @@ def bench(
             "fraction_of_peak": tflops / peaks[p],
             "data_fraction": data_s / seconds,
             "threads": torch.get_num_threads(),
-            "machine": machine(dev),
+            "machine": where,
             "kept_freed_memory": kept and not base,
         }
 

@@ -95,21 +95,27 @@ ISAS_WITHOUT_BF16 = frozenset(
 )
 
 
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off: asked of
-    PyTorch's CPU detection (any OS), else read from /proc/cpuinfo. False when oneDNN, which runs the bf16
-    matrix products, is limited to an older instruction set (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA)."""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    if limit.upper() in ISAS_WITHOUT_BF16:
-        return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(checks):
-        return any(check() for check in checks)
+CPU_FEATURES = ("avx2", "avx512", "avx512_bf16", "amx_tile")  # as PyTorch names them: torch.cpu._is_NAME_supported
+
+
+def cpu_features() -> set[str]:
+    """Which of CPU_FEATURES this CPU has: PyTorch's detection (any OS), else the flags of /proc/cpuinfo."""
+    checks = {name: getattr(torch.cpu, f"_is_{name}_supported", None) for name in CPU_FEATURES}
+    if all(checks.values()):
+        return {name for name, check in checks.items() if check()}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    return {name for name in CPU_FEATURES if {"avx512": "avx512f"}.get(name, name) in flags}
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix units (AVX-512 BF16 or AMX), where bf16 autocast pays off. False
+    when oneDNN, which runs the bf16 matrix products, is limited to an older instruction set
+    (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return limit.upper() not in ISAS_WITHOUT_BF16 and bool(cpu_features() & {"avx512_bf16", "amx_tile"})
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
