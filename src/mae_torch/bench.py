@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import Augment
-from .config import resolve
+from .config import Config, resolve
 from .convert import hf_config
 from .data import TensorImages, build_datasets
 from .datapath import DataPath
@@ -55,6 +55,7 @@ from .runtime import (
     resolve_device,
     resolve_precision,
 )
+from .tasks import classification_loss, finetune_mixing
 from .vit import set_attention
 
 KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -107,7 +108,7 @@ def measured_peak(device: torch.device, precision: str) -> float:
 
 def make_step(
     mode: str,
-    preset: str,
+    preset: str | Config,
     batch: int,
     device: torch.device,
     precision: str,
@@ -117,10 +118,13 @@ def make_step(
     augmented: bool = False,
 ):
     """A closure running one training step on a fixed random uint8 batch, and the batch-making cost alone.
+    `preset`: a preset's name or a resolved Config; `augmented`: with the config's training augmentation
+    (crop, translation, flip, RandAugment, erasing; mixup/cutmix, label smoothing and the EMA when
+    fine-tuning), else the bare step.
 
     design: "mae-torch", "baseline" (the starting project's masking, timm's SDPA blocks) or "transformers"
     (transformers' ViTMAEForPreTraining of the same architecture, SDPA attention, its own masking)."""
-    cfg = resolve(mode, preset)
+    cfg = resolve(mode, preset) if isinstance(preset, str) else preset
     tc = cfg.train
     if design == "transformers":
         from transformers import ViTMAEForPreTraining  # optional: only `mae bench --peers` needs it
@@ -144,7 +148,10 @@ def make_step(
     num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
     rng = np.random.default_rng(0)
 
-    aug = Augment((0.2, 1.0), True) if augmented else Augment(tc.crop_scale, tc.hflip)
+    aug = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate) if augmented else Augment()
+    mix = finetune_mixing(tc, 10) if augmented and mode == "finetune" else None
+    smoothing = tc.label_smoothing if augmented else 0.0
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if augmented and tc.ema_decay else None
 
     def data():
         images, labels = next(data_set.batches(torch.randperm(len(data_set))[:batch], batch))
@@ -154,7 +161,7 @@ def make_step(
         x, labels = data()
         with autocast(device, precision):
             if mode == "finetune":
-                loss = F.cross_entropy(forward(x), labels)
+                loss = classification_loss(forward, x, labels, mix, smoothing)
             elif design == "transformers":
                 loss = forward(pixel_values=x).loss
             elif design == "baseline":  # the starting project: a numpy shuffle per sample on the host
@@ -167,8 +174,29 @@ def make_step(
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(model)
 
     return step, data
+
+
+def make_eval_step(mode: str, cfg: Config, batch: int, device: torch.device, precision: str):
+    """A closure running one validation batch of the stage's model (no gradients, eval mode), as training
+    validates: the MAE's loss with its masking, or the classifier's logits (twice with flip test-time
+    augmentation)."""
+    m = cfg.model
+    model = (build_mae(m) if mode == "pretrain" else build_vit(m, 10)).to(device).eval()
+    set_attention(model, resolve_attention(cfg.run.attention, device, precision))
+    x = Normalizer(m.mean, m.std, device)(torch.randint(0, 256, (batch, m.in_chans, m.img_size, m.img_size)))
+    passes = 2 if mode == "finetune" and cfg.train.tta_flip else 1
+
+    @torch.no_grad()
+    def step():
+        with autocast(device, precision):
+            for _ in range(passes):
+                model(x, pred_visible=False) if mode == "pretrain" else model(x)
+
+    return step
 
 
 def time_it(fn, device: torch.device, steps: int, warmup: int) -> float:
@@ -197,20 +225,22 @@ def bench(
     augmented: bool = False,
     peers: bool = False,
 ):
-    """Yield one result dict per measured configuration; `peers`: transformers' ViTMAE too, same precision."""
+    """Yield one result dict per measured configuration; `peers`: transformers' ViTMAE too, same precision;
+    `augmented`: each step also with the preset's training augmentation, after the bare one."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     peaks = {}
-    runs = [("pretrain", "fp32", "baseline", False)] if baseline else []
+    runs = [("pretrain", "fp32", "baseline", False, False)] if baseline else []
     if peers:
-        runs.append(("pretrain", prec, "transformers", False))
-    runs += [(mode, prec, "mae-torch", compile) for mode in modes]  # last: they keep freed memory on CPUs
+        runs.append(("pretrain", prec, "transformers", False, False))
+    # last: they keep freed memory on CPUs
+    runs += [(mode, prec, "mae-torch", compile, aug) for mode in modes for aug in (False, True)[: 1 + augmented]]
     kept, where = False, machine(dev)
-    for mode, p, design, comp in runs:
+    for mode, p, design, comp, aug in runs:
         base = design != "mae-torch"
         if not base and dev.type == "cpu" and not kept:
             kept = keep_freed_memory()  # as training does; the other designs ran with the C library's defaults
-        step, data = make_step(mode, preset, batch, dev, p, design, comp, attention, augmented and not base)
+        step, data = make_step(mode, preset, batch, dev, p, design, comp, attention, aug)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             step()
         flops = counter.get_total_flops() / batch
@@ -228,7 +258,7 @@ def bench(
             "precision": p,
             "compile": comp,
             "attention": "sdpa" if base else resolve_attention(attention, dev, p),
-            "augmented": augmented and not base,
+            "augmented": aug,
             "img_per_s": batch / seconds,
             "ms_per_step": seconds * 1e3,
             "gflop_per_img": flops / 1e9,
@@ -291,7 +321,7 @@ def describe(r: dict) -> str:
     return (
         f"{r['mode']:>8} {r['design']:>9} | {r['preset']} batch {r['batch']} {r['precision']} on {r['device']}"
         f" {r['attention']} attention{' compiled' if r['compile'] else ''}"
-        f"{' crop+flip' if r['augmented'] else ''}{', freed memory kept' if r.get('kept_freed_memory') else ''}: "
+        f"{' augmented' if r['augmented'] else ''}{', freed memory kept' if r.get('kept_freed_memory') else ''}: "
         f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step, "
         f"{r['gflop_per_img']:.2f} GFLOP/img, {r['tflop_per_s']:.3f} TFLOP/s = {r['fraction_of_peak']:.0%} of "
         f"the measured {r['peak_tflop_per_s']:.3f} peak, data {r['data_fraction']:.1%} of the step"

@@ -120,6 +120,74 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- speedrun
+
+SPEEDRUN_PRESET = "cifar10-speedrun"
+SPEEDRUN_FLAGS = (  # (flag, section.key, type, help); type None: a switch
+    ("--data", "run.data", str, "cifar10, cifar100, or a folder of images with class subfolders (default: cifar10)"),
+    ("--minutes", "speedrun.minutes", float, "the budget: minutes of training, both stages together (default: 60)"),
+    ("--label-fraction", "run.label_fraction", float, "fine-tune on this class-balanced share of the labels"),
+    ("--labels-per-class", "run.labels_per_class", int, "fine-tune on this many labeled images per class"),
+    ("--scratch", "speedrun.scratch", None, "also train a classifier from scratch on the same budget"),
+    ("--pretrain-only", "speedrun.pretrain_only", None, "pretraining only (unlabeled data): no accuracy"),
+    (
+        "--test-fraction",
+        "run.test_fraction",
+        float,
+        "held-out share of the training images (data without a test split: 0.1)",
+    ),
+    ("--val-fraction", "run.val_fraction", float, "validation share of the training images"),
+    ("--seed", "run.seed", int, "random seed"),
+    ("--device", "run.device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("--precision", "run.precision", str, "auto, bf16, fp16 or fp32"),
+    ("--num-workers", "run.num_workers", int, "data loading processes"),
+    ("--data-root", "run.data_root", str, "where torchvision datasets are downloaded"),
+)
+
+
+def add_speedrun_args(p: argparse.ArgumentParser) -> None:
+    for flag, dest, kind, text in SPEEDRUN_FLAGS:
+        kwargs = (
+            {"action": "store_const", "const": True}
+            if kind is None
+            else {"type": kind, "metavar": kind.__name__.upper()}
+        )
+        p.add_argument(flag, dest=dest, default=None, help=text, **kwargs)
+    p.add_argument("--preset", metavar="NAME", help=f"the recipe (default: {SPEEDRUN_PRESET})")
+    p.add_argument("--config", metavar="FILE.yaml", help="a speedrun's config.yaml: the same training, not measured")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/speedrun-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped speedrun")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_speedrun(args: argparse.Namespace) -> int:
+    from .config import resolve_speedrun
+
+    flags: dict = {}
+    for _, dest, _, _ in SPEEDRUN_FLAGS:
+        if getattr(args, dest) is not None:
+            section, key = dest.split(".")
+            flags.setdefault(section, {})[key] = getattr(args, dest)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise MAEError(f"cannot resume {run_dir}: no config.yaml there (is it a speedrun directory?)")
+        spec = resolve_speedrun(None, str(run_dir / "config.yaml"), flags)
+    else:
+        preset = args.preset or (None if args.config else SPEEDRUN_PRESET)
+        spec = resolve_speedrun(preset, args.config, flags)
+        run_dir = Path(args.out or f"runs/speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.print_config:
+        print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+        return 0
+    from .speedrun import speedrun
+
+    speedrun(spec, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 # ---------------------------------------------------------------- evaluate, reconstruct, compare
 
 
@@ -137,6 +205,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     tools.add_loader_args(p, device_help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--tta-flip", action="store_true", help="average the logits of each image and its mirror")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="score the training images that runs with this --test-fraction held out (data without a test split)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, loss, n")
 
 
@@ -152,6 +226,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.batch_size,
         args.num_workers,
         args.tta_flip,
+        args.test_fraction,
     )
     if args.json:
         print(json.dumps(result))
@@ -219,7 +294,10 @@ FINETUNE = "train a classifier, from scratch or from a pretrained MAE encoder (-
 KNN = "k-NN accuracy of a frozen encoder on labeled data (training split as memory)"
 LINPROBE = "linear probing of a frozen encoder: BatchNorm + linear head, LARS or SGD"
 
+SPEEDRUN = "the main job in one command: MAE pretraining, fine-tuning and top-1 on held-out images, in --minutes"
+
 COMMANDS: tuple[Command, ...] = (
+    Command("speedrun", SPEEDRUN, add_speedrun_args, run_speedrun, SPEEDRUN + ".", show_defaults=False),
     Command(
         "pretrain",
         PRETRAIN,

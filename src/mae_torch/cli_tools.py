@@ -228,7 +228,12 @@ def add_bench_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--attention", default="auto", help="auto, sdpa or math (see mae pretrain --help)")
-    p.add_argument("--augment", action="store_true", help="add the paper's crop (0.2-1) and flip to every step")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="also time each step with the preset's training augmentation (crop, translation, flip, RandAugment, "
+        "erasing; mixup/cutmix, label smoothing and EMA when fine-tuning), beside the bare step",
+    )
     p.add_argument("--mode", choices=["pretrain", "finetune", "both"], default="both", help="which step")
     p.add_argument(
         "--baseline",

@@ -29,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def doc(why: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
     """A dataclass field with its one-line explanation (shown by `--help`)."""
-    if isinstance(default, (list, tuple)):
+    if isinstance(default, (list, tuple, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"why": why}, **kwargs)
     return field(default=default, metadata={"why": why}, **kwargs)
 
@@ -117,6 +117,11 @@ class TrainConfig:
     tta_flip: bool = doc("validate on the mean of the logits of each image and its mirror image", False)
     monitor: str = doc("validation metric for best weights and early stopping: val_loss or val_acc", "val_loss")
     patience: int = doc("stop after this many epochs without improvement of monitor; 0 = never", 0)
+    max_minutes: float = doc(
+        "time bound: stop once this many minutes of training (resumed runs included) have passed, keeping the "
+        "last finished epoch; 0 = none",
+        0.0,
+    )
     min_delta: float = doc("smallest change of monitor that counts as an improvement", 0.0)
 
     @property
@@ -141,6 +146,7 @@ class TrainConfig:
         check(self.peak_lr > 0, "the learning rate must be positive (set blr or lr)")
         check(self.monitor in ("val_loss", "val_acc"), f"monitor must be val_loss or val_acc, not {self.monitor}")
         check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        check(self.max_minutes >= 0, f"max_minutes must be >= 0 (0 = no time bound), got {self.max_minutes}")
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
@@ -157,6 +163,11 @@ class RunConfig:
     data: str = doc("cifar10, cifar100, or a folder of images (class subfolders give labels)", "cifar10")
     data_root: str = doc("where torchvision datasets are downloaded; empty = ~/.cache/mae-torch/data", "")
     val_fraction: float = doc("share of training images held out for validation when there is no val/", 0.1)
+    test_fraction: float = doc(
+        "share of the training images set aside as a test split, never trained or validated on (for data without "
+        "one; the same images whatever the seed; mae evaluate --test-fraction scores them); 0 = none",
+        0.0,
+    )
     seed: int = doc("random seed (weights, data order, masks)", 0)
     device: str = doc("auto, cpu, cuda, cuda:N or mps", "auto")
     precision: str = doc("auto, bf16, fp16 or fp32 (auto: bf16 where the hardware has it)", "auto")
@@ -198,6 +209,7 @@ class Config:
             "pretraining measures no accuracy: use --monitor val_loss",
         )
         check(0 <= self.run.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.run.val_fraction}")
+        check(0 <= self.run.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.run.test_fraction}")
         check(0 < self.run.label_fraction <= 1, f"label_fraction must be in (0, 1], got {self.run.label_fraction}")
         check(self.run.labels_per_class >= 0, f"labels_per_class must be >= 0, got {self.run.labels_per_class}")
         check(self.run.save_every >= 0, f"save_every must be >= 0, got {self.run.save_every}")
@@ -217,6 +229,86 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+
+
+@dataclass
+class SpeedrunConfig:
+    """`mae speedrun`: how a budget of minutes becomes the epochs of each stage (speedrun.py)."""
+
+    minutes: float = doc("the budget: minutes of training, pretraining and fine-tuning together", 60.0)
+    pretrain_share: float = doc("share of the budget that MAE pretraining gets", 0.3)
+    finetune_max_epochs: int = doc("fine-tuning runs at most this many epochs; the budget's rest pretrains", 100)
+    long_finetune_epochs: int = doc("fine-tuning of at least this many epochs takes long_finetune; 0 = never", 0)
+    long_finetune: dict = doc("fine-tuning settings that pay only on long schedules (train keys)", {})
+    pretrain_epochs: int = doc("pretraining epochs; 0 = sized to the budget by a short measurement", 0)
+    finetune_epochs: int = doc("fine-tuning epochs; 0 = sized to the budget", 0)
+    scratch_epochs: int = doc("epochs of the --scratch classifier; 0 = sized to the budget", 0)
+    scratch: bool = doc("also train a classifier from scratch on the same budget, for comparison", False)
+    pretrain_only: bool = doc("pretrain only (unlabeled data): no fine-tuning, no accuracy", False)
+
+    def validate(self) -> None:
+        check(self.minutes > 0, f"--minutes must be above 0, got {self.minutes:g}; e.g. --minutes 60")
+        check(0 < self.pretrain_share < 1, f"pretrain_share must be in (0, 1), got {self.pretrain_share}")
+        check(self.finetune_max_epochs >= 1, f"finetune_max_epochs must be at least 1, got {self.finetune_max_epochs}")
+        for name in ("pretrain_epochs", "finetune_epochs", "scratch_epochs", "long_finetune_epochs"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        update(TrainConfig(), self.long_finetune, "long_finetune of the speedrun section")  # known keys only
+
+    @property
+    def sized(self) -> bool:
+        """Whether the epochs are given (a rerun of a speedrun's config.yaml): no measurement needed."""
+        return self.pretrain_epochs > 0 and (self.pretrain_only or self.finetune_epochs > 0)
+
+
+SPEEDRUN_SECTIONS = {
+    "model": ModelConfig,
+    "pretrain": TrainConfig,
+    "finetune": TrainConfig,
+    "run": RunConfig,
+    "speedrun": SpeedrunConfig,
+}
+
+
+@dataclass
+class Speedrun:
+    """A speedrun's whole config (saved as its config.yaml): one model and run section, both stages' training
+    sections, and the budget's rules."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    speedrun: SpeedrunConfig = field(default_factory=SpeedrunConfig)
+
+    def stage(self, command: str, train: TrainConfig | None = None) -> Config:
+        """The Config of one stage (pretrain, finetune), as `mae pretrain/finetune` would run it."""
+        section = train or getattr(self, command)
+        parts = (self.model, section, self.run)
+        return Config(command, *(from_dict(type(p), to_plain(p)) for p in parts)).validate()
+
+    def validate(self) -> Speedrun:
+        self.speedrun.validate()
+        for command in ("pretrain", "finetune"):
+            self.stage(command)
+        return self
+
+    def to_dict(self) -> dict:
+        return {"command": "speedrun", **{k: to_plain(getattr(self, k)) for k in SPEEDRUN_SECTIONS}}
+
+
+def resolve_speedrun(preset: str | None, config_file: str | None = None, overrides: dict | None = None) -> Speedrun:
+    """A speedrun's config: defaults < preset < config file (a speedrun's config.yaml) < overrides."""
+    cfg = Speedrun()
+    layers = [(load_preset(preset), preset)] if preset else []
+    if config_file:
+        layers.append((read_yaml(Path(config_file)), config_file))
+    layers.append((overrides or {}, "command-line options"))
+    for sections, where in layers:
+        unknown = set(sections) - {"command", *SPEEDRUN_SECTIONS}
+        check(not unknown, f"unknown sections {sorted(unknown)} in {where}; known: {', '.join(SPEEDRUN_SECTIONS)}")
+        for name in SPEEDRUN_SECTIONS:
+            update(getattr(cfg, name), sections.get(name) or {}, f"{name} section of {where}")
+    return cfg.validate()
 
 
 def check(ok: bool, message: str) -> None:
@@ -286,7 +378,7 @@ def resolve(command: str, preset: str | None, config_file: str | None = None, ov
     layers = []
     if preset:
         data = load_preset(preset)
-        unknown = set(data) - {"model", "pretrain", "finetune", "run"}
+        unknown = set(data) - {"model", "pretrain", "finetune", "run", "speedrun"}
         check(not unknown, f"preset {preset} has unknown sections {sorted(unknown)}")
         layers.append(({"model": data.get("model"), "train": data.get(command), "run": data.get("run")}, preset))
     if config_file:

@@ -9,7 +9,9 @@ Design decisions:
   images in it is an unlabeled set. File order is sorted, so indices and splits are reproducible.
 - Validation never sees test data: it comes from `PATH/val`, or is carved from the training images
   (stratified by class, seeded). `PATH/test` and CIFAR's test split belong to `build_eval_dataset` only,
-  so choosing the best epoch cannot leak the numbers we report.
+  so choosing the best epoch cannot leak the numbers we report. Data without a test split can set one aside:
+  `test_fraction` holds out a stratified part of the training images, by a fixed seed (the same images
+  whatever `--seed`), before validation is carved; training never sees it and `build_eval_dataset` returns it.
 - CIFAR lives in memory as one uint8 tensor (150 MB for 50k images at 32x32), resized once up front.
 """
 
@@ -116,10 +118,16 @@ class TensorImages(Dataset):
         return self.images[i], -1 if self.labels is None else int(self.labels[i])
 
 
+HOLDOUT_SEED = 20_211_111  # the test_fraction carve's: fixed, so every seed and stage holds out the same images
+
+
 class _Split(Subset):
-    """A Subset that keeps the `labels` attribute, so callers can still tell labeled from unlabeled."""
+    """A Subset that keeps the `labels` attribute, so callers can still tell labeled from unlabeled. A split of
+    a split indexes the base dataset directly (files_of and the device path see one level)."""
 
     def __init__(self, dataset: Dataset, indices: list[int]):
+        if isinstance(dataset, _Split):
+            dataset, indices = dataset.dataset, [dataset.indices[i] for i in indices]
         super().__init__(dataset, indices)
         parent = dataset.labels
         if parent is None:
@@ -177,31 +185,20 @@ def build_datasets(
     seed: int = 0,
     need_labels: bool = False,
     skip_bad: bool = False,
+    test_fraction: float = 0.0,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """Train and validation splits of `data` and its class names (None for an unlabeled set).
 
     skip_bad: an image that does not decode is replaced by the next readable one, with a warning and a count,
-    where it is read (nothing is decoded here: listing 1.28M files is the whole start-up cost)."""
+    where it is read (nothing is decoded here: listing 1.28M files is the whole start-up cost).
+    test_fraction: this share of the training images is held out first (see `build_eval_dataset`)."""
     if not 0 <= val_fraction < 1:
         raise MAEError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
-    if data.lower() in _CIFAR:
-        train, classes = _cifar(data.lower(), data_root, True, img_size, in_chans)  # val from TRAIN, not test
-        return (*_carve(train, val_fraction, seed, data), classes)
-
-    path = _check_folder(data)
-    train_root = os.path.join(path, "train")
-    if not os.path.isdir(train_root):
-        for name in ("val", "test"):  # otherwise they would silently become classes, and test would leak
-            if os.path.isdir(os.path.join(path, name)):
-                raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
-        train_root = path
-    paths, labels, classes = _scan(train_root)
+    train, classes, train_root, val_root = _training_images(data, data_root, img_size, in_chans, skip_bad)
     if need_labels:
         _require_labels(train_root, classes)
-    train = ImageFiles(paths, labels, img_size, in_chans, skip_bad=skip_bad)
-
-    val_root = os.path.join(path, "val")
-    if train_root == path or not os.path.isdir(val_root):
+    train = _hold_out(train, test_fraction, train_root)[0]
+    if val_root is None:
         return (*_carve(train, val_fraction, seed, train_root), classes)
     val_paths, val_labels, val_classes = _scan(val_root)
     if classes is None:
@@ -216,11 +213,52 @@ def build_datasets(
     return train, ImageFiles(val_paths, val_labels, img_size, in_chans, skip_bad=skip_bad), classes
 
 
+def _training_images(data: str, data_root: str | None, img_size: int, in_chans: int, skip_bad: bool, crop_pct=1.0):
+    """(all training images, class names, where they are, the val/ folder beside them or None)."""
+    if data.lower() in _CIFAR:
+        train, classes = _cifar(data.lower(), data_root, True, img_size, in_chans)  # val from TRAIN, not test
+        return train, classes, data, None
+    path = _check_folder(data)
+    train_root = os.path.join(path, "train")
+    if not os.path.isdir(train_root):
+        for name in ("val", "test"):  # otherwise they would silently become classes, and test would leak
+            if os.path.isdir(os.path.join(path, name)):
+                raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
+        train_root = path
+    paths, labels, classes = _scan(train_root)
+    val_root = os.path.join(path, "val")
+    val_root = val_root if train_root != path and os.path.isdir(val_root) else None
+    return ImageFiles(paths, labels, img_size, in_chans, crop_pct, skip_bad=skip_bad), classes, train_root, val_root
+
+
+def _hold_out(ds: Dataset, fraction: float, where: str) -> tuple[Dataset, Dataset | None]:
+    """(the rest, the held-out test part) of the training images: `fraction` of each class, by HOLDOUT_SEED."""
+    if not 0 <= fraction < 1:
+        raise MAEError(f"test_fraction must be in [0, 1), got {fraction}; use e.g. 0.1")
+    return _carve(ds, fraction, HOLDOUT_SEED, where) if fraction > 0 else (ds, None)
+
+
+def has_test_split(data: str) -> bool:
+    """Whether `data` has a test split of its own: CIFAR's, or a folder's test/."""
+    return data.lower() in _CIFAR or os.path.isdir(os.path.join(os.path.expanduser(data), "test"))
+
+
 def build_eval_dataset(
-    data: str, *, data_root: str | None, img_size: int, in_chans: int = 3, crop_pct: float = 1.0
+    data: str,
+    *,
+    data_root: str | None,
+    img_size: int,
+    in_chans: int = 3,
+    crop_pct: float = 1.0,
+    test_fraction: float = 0.0,
 ) -> tuple[Dataset, list[str]]:
     """The labeled split to evaluate on (CIFAR's test split, or a folder) and its class names; folder images
-    of another size are resized to img_size / crop_pct (shorter side) and centre-cropped."""
+    of another size are resized to img_size / crop_pct (shorter side) and centre-cropped. test_fraction > 0:
+    the training images that `build_datasets` held out with the same fraction."""
+    if test_fraction > 0:
+        train, classes, root, _ = _training_images(data, data_root, img_size, in_chans, False, crop_pct)
+        _require_labels(root, classes, min_classes=1)
+        return _hold_out(train, test_fraction, root)[1], classes
     if data.lower() in _CIFAR:
         return _cifar(data.lower(), data_root, False, img_size, in_chans)
     path = _check_folder(data)

@@ -16,6 +16,11 @@ Design decisions:
 - Every epoch (and every `save_every` steps) writes `checkpoint.pt`: everything a resume needs, down to the
   position inside the epoch and every process's RNG state, so a killed run resumes to the same weights.
   Files are written atomically: a crash, or a full disk, leaves the last good ones.
+- `max_minutes` bounds a run's training time (validation and checkpoints included, resumed parts added up):
+  an epoch that would not finish within it (by the last epoch's time) is not started, one that overruns stops
+  at the bound; either way the run ends with the weights and checkpoint of its last finished epoch (which then
+  records the whole time spent, so a resume under the same bound trains no further), and the returned metrics
+  say `stopped: "time bound"`. `mae speedrun` sizes its stages with it as the backstop.
 - A non-finite loss is counted on the device; the gradient scaler skips the update of such a step (no
   sync), and the run stops, naming the step, once more than `skip_nonfinite` were seen. Checks happen at the
   progress-bar syncs and before every checkpoint, so no checkpoint ever holds a bad step beyond that budget.
@@ -130,7 +135,8 @@ def evaluate(
 
 
 def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    """Train `task.model` on train_ds, validating on val_ds each epoch; returns the last epoch's metrics."""
+    """Train `task.model` on train_ds, validating on val_ds each epoch; returns the last epoch's metrics and
+    `seconds`, the run's training time (resumed parts added up)."""
     run = Trainer(task, train_ds, val_ds, cfg, Path(run_dir))
     if resume:
         run.restore()
@@ -139,9 +145,14 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     run.data = DataPath(train_ds, val_ds, cfg.model, cfg.train, run.device, cfg.run.num_workers, cfg.run.in_memory)
     run.announce()
     metrics: dict = {}
+    run.t_start = time.perf_counter()
     try:
         for epoch in range(run.start_epoch, cfg.train.epochs):
+            if run.out_of_time(run.epoch_seconds):
+                break
             loss_sum, seconds, steps = run.train_epoch(epoch)
+            if run.done < run.steps_per_epoch:  # stopped at the time bound mid-epoch: that epoch is not kept
+                break
             metrics = run.end_epoch(epoch, loss_sum, seconds, steps)
             if run.stopper.should_stop:
                 tc = cfg.train
@@ -149,8 +160,15 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
                 break
     finally:
         run.data.close()  # DataLoader workers end with the run, also when it fails
+    if run.stopped:
+        run.record_time()
+        run.logger.print(
+            f"time bound: stopped after {run.elapsed() / 60:.2f} of --max-minutes {cfg.train.max_minutes:.2f}, "
+            f"keeping epoch {metrics.get('epoch', run.start_epoch)} of {cfg.train.epochs}"
+        )
+        metrics = {**metrics, "stopped": "time bound"}
     run.logger.close()
-    return metrics
+    return {**metrics, "seconds": run.elapsed()}
 
 
 class Trainer:
@@ -196,6 +214,8 @@ class Trainer:
         self.n_bad = torch.zeros((), device=self.device, dtype=torch.long)  # non-finite losses seen here
         self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         self.step_time, self.t_step = None, 0.0  # moving average of seconds per optimizer step, for the run ETA
+        self.seconds, self.t_start = 0.0, time.perf_counter()  # training time of earlier processes; this one's start
+        self.epoch_seconds, self.stopped = 0.0, False  # the last whole epoch's time; set at the time bound
         self.data: DataPath | None = None
 
     def check_sizes(self) -> None:
@@ -232,6 +252,7 @@ class Trainer:
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][mine], self.device)
         self.start_epoch, self.step, self.done = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        self.seconds, self.epoch_seconds = ckpt.get("seconds", 0.0), ckpt.get("epoch_seconds", 0.0)
         self.carried = ckpt["loss_sum"][mine] if self.done < self.steps_per_epoch else 0.0
         if self.done >= self.steps_per_epoch:
             self.start_epoch, self.done = self.start_epoch + 1, 0
@@ -255,6 +276,29 @@ class Trainer:
             f"{self.total_steps} total, {self.warmup_steps} warmup | monitor {tc.monitor}"
             + (f", patience {tc.patience}" if tc.patience else "")
         )
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, resumed processes added up."""
+        return self.seconds + time.perf_counter() - self.t_start
+
+    def out_of_time(self, ahead: float = 0.0) -> bool:
+        """True once the time bound (max_minutes) is reached, or would be within `ahead` more seconds; decided
+        together by all processes (any one's clock counts), so they stop at the same step."""
+        bound = self.cfg.train.max_minutes * 60
+        if bound and not self.stopped:
+            late = torch.tensor(float(self.elapsed() + ahead > bound), device=self.device)
+            self.stopped = self.group.sum_(late).item() > 0
+        return self.stopped
+
+    def record_time(self) -> None:
+        """At the time bound: the checkpoint (its last finished epoch) takes the run's whole training time, so
+        a resume under the same bound trains no further."""
+        path = self.run_dir / "checkpoint.pt"
+        if self.group.main and path.exists():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt["seconds"] = self.elapsed()
+            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        self.group.barrier()
 
     def lr(self, step: int) -> float:
         tc = self.cfg.train
@@ -286,6 +330,8 @@ class Trainer:
             loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)
             if (i + 1) % self.accum == 0:
                 self.optimizer_step(epoch, loss, loss_sum, bar)
+                if self.step % SYNC_EVERY == 0 and self.out_of_time():  # at the loop's syncs only
+                    break
         bar.close()
         self.check_finite()
         return loss_sum, time.perf_counter() - t_epoch, self.step - first_step
@@ -334,6 +380,7 @@ class Trainer:
     def end_epoch(self, epoch: int, loss_sum: torch.Tensor, seconds: float, steps: int) -> dict:
         """Validate, log, write the weights and the checkpoint; returns the epoch's metrics."""
         tc, rc, group = self.cfg.train, self.cfg.run, self.group
+        t_end = time.perf_counter()
         share = torch.arange(group.rank, self.n_val, group.world)  # each process validates its share
         batches = self.data.val_batches(share, tc.micro_batch)
         val = evaluate(self.task, batches, self.norm, self.precision, rc.seed, group, self.judged)
@@ -356,6 +403,7 @@ class Trainer:
             if metrics["best"]:
                 save_weights(self.judged, self.task.meta, self.run_dir / "best.safetensors")
             save_weights(self.judged, self.task.meta, self.run_dir / "model.safetensors")
+        self.epoch_seconds = time.perf_counter() - t_end + seconds  # training, validation and weights
         self.save(epoch, self.steps_per_epoch, loss_sum)
         self.done = 0
         return metrics
@@ -388,6 +436,8 @@ class Trainer:
                 "epoch_step": done,
                 "step": self.step,
                 "loss_sum": losses,
+                "seconds": self.elapsed(),
+                "epoch_seconds": self.epoch_seconds,
                 "rng": rng,
                 "config": self.cfg.to_dict(),
                 **({"ema": self.ema.module.state_dict()} if self.ema else {}),

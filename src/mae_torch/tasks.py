@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from torch import nn
 
-from .config import Config
+from .config import Config, TrainConfig
 from .convert import read
 from .data import ImageFiles, build_datasets, build_eval_dataset, label_subset, list_images
 from .engine import Task, evaluate, fit
@@ -114,25 +114,35 @@ def finetune(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     if cfg.run.pretrained and not resume:
         load_encoder_for(model, pretrained.state)
     tc = cfg.train
-    mix = None
-    if tc.mixup or tc.cutmix:  # timm's: soft targets that already carry the label smoothing
-        if tc.micro_batch % 2:
-            raise MAEError(f"mixup and cutmix pair images: use an even --device-batch-size, not {tc.micro_batch}")
-        mix = Mixup(
-            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=len(classes)
-        )
+    mix = finetune_mixing(tc, len(classes))
 
     def train_loss(model, x, y):
-        if mix:
-            x, soft = mix(x, y)
-            return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+        return classification_loss(model, x, y, mix, tc.label_smoothing)
 
     def sums(model, x, y):
         return classification_sums(model, x, y, tc.tta_flip)
 
     meta = {"arch": "vit", "model": asdict(cfg.model), "classes": classes}
     return fit(Task(model, train_loss, sums, meta), train_ds, val_ds, cfg, run_dir, resume)
+
+
+def finetune_mixing(tc: TrainConfig, num_classes: int) -> Mixup | None:
+    """timm's mixup/cutmix of a fine-tuning batch (soft targets that carry the label smoothing), or None."""
+    if not (tc.mixup or tc.cutmix):
+        return None
+    if tc.micro_batch % 2:
+        raise MAEError(f"mixup and cutmix pair images: use an even --device-batch-size, not {tc.micro_batch}")
+    return Mixup(
+        mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
+    )
+
+
+def classification_loss(model, x: torch.Tensor, y: torch.Tensor, mix: Mixup | None, smoothing: float) -> torch.Tensor:
+    """Fine-tuning's training loss: cross-entropy with label smoothing, or against mixup's soft targets."""
+    if mix:
+        x, soft = mix(x, y)
+        return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(model(x), y, label_smoothing=smoothing)
 
 
 def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_flip: bool = False) -> dict:
@@ -153,6 +163,7 @@ def data_args(cfg: Config) -> dict:
         img_size=m.img_size,
         in_chans=m.in_chans,
         val_fraction=r.val_fraction,
+        test_fraction=r.test_fraction,
         seed=r.seed,
         skip_bad=r.skip_bad_images,
     )
@@ -167,8 +178,10 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     num_workers: int = 2,
     tta_flip: bool = False,
+    test_fraction: float = 0.0,
 ) -> dict:
-    """Top-1 accuracy and mean loss of a fine-tuned classifier on a labeled dataset: {top1, loss, n}."""
+    """Top-1 accuracy and mean loss of a fine-tuned classifier on a labeled dataset: {top1, loss, n};
+    test_fraction > 0: on the training images that runs with that --test-fraction held out."""
     state, meta = load_weights(checkpoint)
     if meta.get("arch") != "vit":
         raise MAEError(f"{checkpoint} holds MAE pretraining weights, not a classifier; fine-tune it first")
@@ -181,7 +194,12 @@ def evaluate_checkpoint(
     model = build_vit(m, len(meta["classes"]))
     load_state(model, state, str(checkpoint))
     ds, classes = build_eval_dataset(
-        data, data_root=data_root or None, img_size=m.img_size, in_chans=m.in_chans, crop_pct=m.crop_pct
+        data,
+        data_root=data_root or None,
+        img_size=m.img_size,
+        in_chans=m.in_chans,
+        crop_pct=m.crop_pct,
+        test_fraction=test_fraction,
     )
     unknown = sorted(set(classes) - set(meta["classes"]))
     if unknown:
