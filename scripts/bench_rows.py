@@ -3,7 +3,7 @@ against `ops.take_rows` (one flat `index_select`), forward and backward, in one 
 
     python scripts/bench_rows.py [--batch 128 --tokens 257 --rows 192 --width 192 --reps 10]
 
-The default shapes are the last decoder block's at `cifar10-vit-tiny` (docs/benchmarks.md).
+The default shapes are the last decoder block's at `cifar10-vit-tiny` (docs/benchmarks-log.md).
 """
 
 import argparse

@@ -7,7 +7,7 @@ page faults of a few untimed steps.
 
 CPU only. Each call is timed as it runs (a `TorchDispatchMode` around the step), so the sum is close to the
 step's own time; `torch.profiler` attributed two to three times more to some memory-bound calls (gelu_backward)
-than they take (docs/benchmarks.md).
+than they take (docs/benchmarks-log.md).
 """
 
 import argparse

@@ -193,7 +193,7 @@ def test_auto_attention_follows_the_measured_kernel_per_precision():
     from mae_torch.runtime import resolve_attention
 
     cuda = torch.device("cuda")
-    assert resolve_attention("auto", CPU, "bf16") == "math"  # faster on CPUs in bf16 (docs/benchmarks.md)
+    assert resolve_attention("auto", CPU, "bf16") == "math"  # faster on CPUs in bf16 (docs/benchmarks-log.md)
     assert resolve_attention("auto", CPU, "fp32") == resolve_attention("auto", cuda, "bf16") == "sdpa"
     assert resolve_attention("math", CPU, "fp32") == "math" and resolve_attention("sdpa", CPU, "bf16") == "sdpa"
 

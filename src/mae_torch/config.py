@@ -240,6 +240,10 @@ class SpeedrunConfig:
     finetune_max_epochs: int = doc("fine-tuning runs at most this many epochs; the budget's rest pretrains", 100)
     long_finetune_epochs: int = doc("fine-tuning of at least this many epochs takes long_finetune; 0 = never", 0)
     long_finetune: dict = doc("fine-tuning settings that pay only on long schedules (train keys)", {})
+    cuda: dict = doc(
+        "settings on CUDA GPUs, where small batches leave the device idle: {pretrain: {train keys}, finetune: {...}}",
+        {},
+    )
     pretrain_epochs: int = doc("pretraining epochs; 0 = sized to the budget by a short measurement", 0)
     finetune_epochs: int = doc("fine-tuning epochs; 0 = sized to the budget", 0)
     scratch_epochs: int = doc("epochs of the --scratch classifier; 0 = sized to the budget", 0)
@@ -253,6 +257,10 @@ class SpeedrunConfig:
         for name in ("pretrain_epochs", "finetune_epochs", "scratch_epochs", "long_finetune_epochs"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         update(TrainConfig(), self.long_finetune, "long_finetune of the speedrun section")  # known keys only
+        unknown = set(self.cuda) - {"pretrain", "finetune"}
+        check(not unknown, f"the speedrun section's cuda settings have unknown stages {sorted(unknown)}")
+        for stage, values in self.cuda.items():
+            update(TrainConfig(), values, f"cuda.{stage} of the speedrun section")
 
     @property
     def sized(self) -> bool:

@@ -13,7 +13,7 @@ Design decisions:
 - The decoder predicts each patch's pixels in (p, p, c) order, the order of `ops.patchify`.
 - Training calls `forward(..., pred_visible=False)`: the last decoder block then runs for the removed
   patches' tokens only (`block_at`; every token is still a key and a value), the only outputs the loss reads.
-  Same loss and gradients; about a fifth less work in that block at a mask ratio of 0.75 (docs/benchmarks.md).
+  Same loss and gradients; about a fifth less work in that block at a mask ratio of 0.75 (docs/benchmarks-log.md).
 
 Legend: B batch, L patches, K kept patches, D encoder width, E decoder width, P = p*p*C pixels per patch.
 """

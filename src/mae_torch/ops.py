@@ -39,7 +39,7 @@ def unpatchify(x: torch.Tensor, p: int, h: int, w: int | None = None) -> torch.T
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), index (B, M) -> (B, M, D), row m of sample b being x[b, index[b, m]]: `torch.gather` with
     the index expanded over D (the official code's form), as one flat `index_select`: the same numbers, forward
-    and backward together about 3x faster on the CPUs measured (docs/benchmarks.md)."""
+    and backward together about 3x faster on the CPUs measured (docs/benchmarks-log.md)."""
     B, N, D = x.shape
     flat = (index + N * torch.arange(B, device=index.device).unsqueeze(1)).flatten()
     return x.reshape(B * N, D).index_select(0, flat).view(B, -1, D)

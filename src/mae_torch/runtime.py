@@ -3,7 +3,7 @@
 Design decisions:
 - `auto` everywhere means the measured fast path: bf16 autocast on GPUs and on CPUs with bf16 instructions
   (AVX-512 BF16 or AMX, on any OS; not when ONEDNN_MAX_CPU_ISA limits oneDNN below them); SDPA attention,
-  except matmul + softmax on CPUs in bf16 (docs/benchmarks.md).
+  except matmul + softmax on CPUs in bf16 (docs/benchmarks-log.md).
 - Images travel as uint8 and are normalized on the device: a quarter of the bytes to move.
 - On CPUs under glibc, freed memory stays in the process (`keep_freed_memory`): glibc otherwise maps every
   large tensor afresh and unmaps it when freed, so each step faults its activations in again page by page
@@ -60,7 +60,7 @@ def keep_freed_memory() -> bool:
     Large allocations come from the heap instead of one mmap each (M_MMAP_MAX = 0) and free memory at the
     heap's top is kept up to 2 GiB (M_TRIM_THRESHOLD), as jemalloc and tcmalloc do: the peak memory of a
     training step is unchanged, the page faults of re-mapping it every step are gone (1.27-1.28x in fp32 on AVX2,
-    docs/benchmarks.md). Returns whether it was applied: not on other C libraries, and not when the user
+    docs/benchmarks-log.md). Returns whether it was applied: not on other C libraries, and not when the user
     chose an allocator setting (MALLOC_* or GLIBC_TUNABLES variables, or a preloaded allocator)."""
     own = any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
     if own or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -129,7 +129,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def resolve_attention(name: str, device: torch.device, precision: str = "fp32") -> str:
-    """auto: SDPA, except on CPUs in bf16, where matmul + softmax measured faster (docs/benchmarks.md: 1.3x
+    """auto: SDPA, except on CPUs in bf16, where matmul + softmax measured faster (docs/benchmarks-log.md: 1.3x
     with AMX, 40.2 against 31.1 img/s with AVX-512 BF16); in fp32 SDPA is the faster one on CPUs too (22.6
     against 11.0 img/s on the AVX-512 BF16 CPU)."""
     if name != "auto":

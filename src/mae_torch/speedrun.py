@@ -3,8 +3,8 @@ sized to a budget of minutes on the device at hand.
 
 Design decisions:
 - The recipe is a preset with a `speedrun` section (plain data, `config.SpeedrunConfig`): the budget's share
-  for pretraining, a cap on the fine-tuning epochs (the rest of the budget pretrains) and settings that pay
-  only on long fine-tuning. docs/small-data.md has the runs behind each value.
+  for pretraining, a cap on the fine-tuning epochs (the rest of the budget pretrains), settings that pay only
+  on long fine-tuning, and larger batches on CUDA GPUs. docs/small-data.md has the runs behind each value.
 - The epochs come from a measurement (`measure`): a few training steps of each stage, with its augmentation,
   and a few validation batches, on the device at hand. `plan` turns them and the budget into epochs (a pure
   function). Both are printed, and the epochs written to RUN/config.yaml, so `--config RUN/config.yaml`
@@ -188,6 +188,10 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
     device = resolve_device(spec.run.device)
     precision = resolve_precision(spec.run.precision, device)
     if "plan" not in state.data:
+        if device.type == "cuda":  # written into config.yaml with the epochs: a rerun trains the same
+            for stage, values in sc.cuda.items():
+                update(getattr(spec, stage), values, f"cuda.{stage} of the speedrun section")
+            sc.cuda = {}
         state.data.update(sized=sc.sized, device=str(device), machine=machine(device), precision=precision)
         if not sc.sized:
             print(f"measuring the training steps on {device} ({precision}) ...", flush=True)
