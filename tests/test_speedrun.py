@@ -65,6 +65,15 @@ def test_plan_names_the_smallest_budget_that_fits():
     assert plan(30, 0.3, 100, 10, 20, pretrain_only=True).pretrain_epochs == 3
 
 
+def test_on_a_gpu_the_recipe_takes_its_larger_batches_once():
+    spec = resolve_speedrun("cifar10-speedrun")
+    speedrun.for_device(spec, torch.device("cpu"))
+    assert (spec.pretrain.batch_size, spec.finetune.batch_size) == (256, 128)
+    speedrun.for_device(spec, torch.device("cuda"))  # nothing runs on it: a config change
+    assert (spec.pretrain.batch_size, spec.finetune.batch_size) == (1024, 512) and spec.speedrun.cuda == {}
+    assert spec.pretrain.peak_lr == pytest.approx(2.4e-3) and spec.finetune.peak_lr == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("minutes", ["0", "-5"])
 def test_a_budget_of_zero_or_less_is_a_one_line_error(minutes, capsys):
     assert mae("speedrun", "--minutes", minutes, *TINY) == 2
@@ -97,7 +106,7 @@ def test_unlabeled_data_is_an_error_unless_pretraining_only(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("speedrun") / "run"
-    assert mae("speedrun", "--data", data, "--minutes", "0.3", "--scratch", *TINY, "--out", out) == 0
+    assert mae("speedrun", "--data", data, "--minutes", "0.5", "--scratch", *TINY, "--out", out) == 0
     return out
 
 
@@ -108,7 +117,7 @@ def test_a_speedrun_writes_its_results_pictures_and_half_precision_weights(run, 
     assert set(r["stages"]) == {"pretrain", "finetune", "scratch"}
     for stage in r["stages"].values():
         assert 1 <= stage["epochs_done"] <= stage["epochs"] and stage["minutes"] > 0 and stage["pflop"] > 0
-    assert r["budget_minutes"] == 0.3 and r["device"] == "cpu" and r["cpu_kind"] and r["machine"]
+    assert r["budget_minutes"] == 0.5 and r["device"] == "cpu" and r["cpu_kind"] and r["machine"]
     assert r["measured"]["finetune"]["img_per_s"] > 0
     for name in ("results.md", "compare.png", "reconstructions.png", "pretrain/curves.png", "finetune/curves.png"):
         assert (run / name).exists(), name
@@ -144,7 +153,8 @@ def test_its_config_reruns_the_same_training_without_measuring(run, tmp_path):
     state = json.loads((again / "state.json").read_text())
     assert state["sized"] and "measured" not in state
     first, second = (yaml.safe_load((r / "config.yaml").read_text())["speedrun"] for r in (run, again))
-    assert second["pretrain_epochs"] == first["pretrain_epochs"] and second["finetune_epochs"] == first["finetune_epochs"]
+    for key in ("pretrain_epochs", "finetune_epochs", "scratch_epochs"):
+        assert second[key] == first[key]
     for stage in ("pretrain", "finetune", "scratch"):
         done = len((again / stage / "metrics.jsonl").read_text().splitlines())
         assert done == yaml.safe_load((again / stage / "config.yaml").read_text())["train"]["epochs"]
@@ -178,7 +188,7 @@ def test_without_a_test_split_training_images_are_held_out_from_both_stages(data
     only_train = tmp_path / "d"
     only_train.symlink_to(data / "train")  # class folders, no test/
     out = tmp_path / "run"
-    assert mae("speedrun", "--data", only_train, "--minutes", "0.25", *TINY, "--out", out) == 0
+    assert mae("speedrun", "--data", only_train, "--minutes", "0.4", *TINY, "--out", out) == 0
     r = json.loads((out / "results.json").read_text())
     assert "held out from both stages" in r["split"] and r["n"] == 3 * 4  # 10% of 40 per class
     cfg = yaml.safe_load((out / "finetune" / "config.yaml").read_text())

@@ -123,6 +123,15 @@ def measure(spec: Speedrun, device: torch.device, precision: str, steps: int = 7
     return out
 
 
+def for_device(spec: Speedrun, device: torch.device) -> None:
+    """The speedrun section's cuda settings into the stages on a CUDA GPU; config.yaml then holds them, so a
+    rerun of it trains the same (and applies them once)."""
+    if device.type == "cuda":
+        for stage, values in spec.speedrun.cuda.items():
+            update(getattr(spec, stage), values, f"cuda.{stage} of the speedrun section")
+        spec.speedrun.cuda = {}
+
+
 def split_sizes(spec: Speedrun) -> dict:
     """Training and validation images of each stage; a speedrun that fine-tunes needs labels."""
     cfg = spec.stage("pretrain")
@@ -188,10 +197,7 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
     device = resolve_device(spec.run.device)
     precision = resolve_precision(spec.run.precision, device)
     if "plan" not in state.data:
-        if device.type == "cuda":  # written into config.yaml with the epochs: a rerun trains the same
-            for stage, values in sc.cuda.items():
-                update(getattr(spec, stage), values, f"cuda.{stage} of the speedrun section")
-            sc.cuda = {}
+        for_device(spec, device)
         state.data.update(sized=sc.sized, device=str(device), machine=machine(device), precision=precision)
         if not sc.sized:
             print(f"measuring the training steps on {device} ({precision}) ...", flush=True)
