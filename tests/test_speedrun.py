@@ -94,7 +94,7 @@ def test_unlabeled_data_is_an_error_unless_pretraining_only(tmp_path, capsys):
     assert mae("speedrun", "--data", flat, "--minutes", "0.1", *TINY, "--out", tmp_path / "a") == 2
     err = capsys.readouterr().err
     assert "has no labels" in err and "add --pretrain-only" in err
-    assert mae("speedrun", "--data", flat, "--minutes", "0.1", "--pretrain-only", *TINY, "--out", tmp_path / "b") == 0
+    assert mae("speedrun", "--data", flat, "--minutes", "0.3", "--pretrain-only", *TINY, "--out", tmp_path / "b") == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert "top1" not in results and set(results["stages"]) == {"pretrain"}
     assert (tmp_path / "b" / "mae.safetensors").exists() and (tmp_path / "b" / "reconstructions.png").exists()
