@@ -60,6 +60,21 @@ def test_translate_shifts_by_whole_pixels_within_the_limit():
     assert torch.equal(random_translate(x, 0), x)
 
 
+def test_translate_equals_the_affine_shift_with_zeros_outside():
+    """The gather gives exactly what an affine grid with nearest sampling and zero padding gives."""
+    x = torch.randn(32, 3, 16, 16)
+    torch.manual_seed(1)
+    out = random_translate(x, 4)
+    torch.manual_seed(1)
+    shift = torch.randint(-4, 5, (2, 32)).float()  # the same draws
+    theta = torch.zeros(32, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[0] / 16, 2 * shift[1] / 16
+    grid = torch.nn.functional.affine_grid(theta, [32, 3, 16, 16], align_corners=False)
+    reference = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    assert torch.equal(out, reference)
+
+
 def test_hflip_flips_about_half():
     torch.manual_seed(0)
     x = torch.rand(64, 3, 4, 4)

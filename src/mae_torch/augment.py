@@ -38,15 +38,15 @@ def random_resized_crop(
 
 def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:
     """(B, C, H, W) -> the same shape: each image shifted by whole pixels, up to `pixels` each way, the border
-    zero-filled (the mean colour, after normalization): pad-and-random-crop for a whole batch at once."""
-    B, _, H, W = x.shape
-    shift = torch.randint(-pixels, pixels + 1, (2, B), device=x.device).to(x.dtype)
-    one, zero = torch.ones(B, device=x.device, dtype=x.dtype), torch.zeros(B, device=x.device, dtype=x.dtype)
-    theta = torch.stack(
-        [torch.stack([one, zero, 2 * shift[0] / W], 1), torch.stack([zero, one, 2 * shift[1] / H], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    zero-filled (the mean colour, after normalization): pad-and-random-crop for a whole batch at once, as one
+    gather from the zero-padded batch (whole-pixel shifts need no interpolation)."""
+    B, C, H, W = x.shape
+    shift = torch.randint(-pixels, pixels + 1, (2, B), device=x.device)  # (x, y) shift of each image
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))  # (B, C, H + 2p, W + 2p)
+    rows = torch.arange(H, device=x.device) + pixels + shift[1][:, None]  # (B, H): source row of each output row
+    cols = torch.arange(W, device=x.device) + pixels + shift[0][:, None]  # (B, W)
+    idx = (rows[:, :, None] * (W + 2 * pixels) + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    return padded.flatten(2).gather(2, idx).view(B, C, H, W)
 
 
 def random_hflip(x: torch.Tensor) -> torch.Tensor:
