@@ -18,7 +18,7 @@ from mae_torch.augment import random_hflip, random_resized_crop, random_translat
 from mae_torch.bench import KERNEL_LIMITS, cpu_model, machine
 from mae_torch.cli import main
 from mae_torch.data import ImageFiles, build_datasets
-from mae_torch.memdata import DeviceBatches, in_memory
+from mae_torch.data.memory import DeviceBatches, in_memory
 from mae_torch.runtime import CPU_FEATURES
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mae_torch.cli import main
 from mae_torch.config import resolve
 from mae_torch.data import ImageFiles
-from mae_torch.datapath import train_transform
+from mae_torch.data.stream import train_transform
 from mae_torch.engine import Trainer
 
 

@@ -1,6 +1,7 @@
 """The package's shape, read from the source with `ast` (nothing is imported): the modules import each other
 without a cycle, counting imports inside functions too; models.py stays the bottom that tasks, convert,
-features and bench build on; and no module attaches a config to a model from outside.
+features and bench build on; in the data layer the batch paths import no source; and no module attaches a
+config to a model from outside.
 """
 
 import ast
@@ -12,38 +13,62 @@ SRC = Path(mae_torch.__file__).parent
 BOTTOM_MAY_IMPORT = {"config", "errors", "hub", "ops", "vit", "mae", "resize", "runtime"}  # what models.py may import
 
 
+def module_name(path: Path, src: Path = SRC) -> str:
+    """ "tasks" for tasks.py, "data" for data/__init__.py, "data.memory" for data/memory.py, "__init__" for the
+    package's own __init__.py."""
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
 def modules(src: Path = SRC) -> dict[str, ast.Module]:
-    """Every module of the package by its name ("__init__" for the package itself), parsed."""
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(src.glob("*.py"))}
+    """Every module of the package (subpackages included) by its name, parsed."""
+    return {module_name(p, src): ast.parse(p.read_text(), str(p)) for p in sorted(src.rglob("*.py"))}
 
 
-def imported(tree: ast.Module, names: set[str]) -> set[str]:
-    """The package's modules that `tree` imports anywhere (module level, functions, branches): `from .x import`,
-    `from . import x`, `from mae_torch.x import`, `import mae_torch.x`; a name from the package itself is
-    an import of `__init__`."""
+def package_of(name: str, names: set[str]) -> list[str]:
+    """The package a module's relative imports start from, as parts: [] for the top level."""
+    parts = [] if name == "__init__" else name.split(".")
+    return parts if name in names and any(n.startswith(name + ".") for n in names) else parts[:-1]
+
+
+def imported(tree: ast.Module, names: set[str], name: str = "") -> set[str]:
+    """The package's modules that module `name` (`tree`) imports anywhere (module level, functions,
+    branches): `from .x import`, `from ..x import`, `from . import x`, `from mae_torch.x import`,
+    `import mae_torch.x`; a name from a package itself is an import of that package ("__init__" at the top)."""
     out = set()
+
+    def add(parts: list[str], imported_names: list[str]) -> None:
+        base = ".".join(parts)
+        for n in imported_names:  # from P import n: the submodule P.n, else a name of P
+            sub = f"{base}.{n}" if base else n
+            out.add(sub if sub in names else base or "__init__")
+
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                raise AssertionError(f"line {node.lineno}: imports beyond the package")
-            parts = (node.module or "").split(".") if node.level == 1 else (node.module or "").split(".")[1:]
-            if node.level == 0 and (node.module or "").split(".")[0] != "mae_torch":
+            if node.level:
+                start = package_of(name, names)
+                if node.level - 1 > len(start):
+                    raise AssertionError(f"line {node.lineno}: imports beyond the package")
+                parts = start[: len(start) - (node.level - 1)]
+            elif (node.module or "").split(".")[0] == "mae_torch":
+                parts = []
+            else:
                 continue  # another package's
-            if parts and parts[0]:
-                out.add(parts[0])
-            else:  # from . import x / from mae_torch import x: a submodule, or a name of __init__
-                out |= {a.name if a.name in names else "__init__" for a in node.names}
+            module = [p for p in (node.module or "").split(".") if p]
+            add(parts + module[1:] if not node.level else parts + module, [a.name for a in node.names])
         elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
                 if parts[0] == "mae_torch":
-                    out.add(parts[1] if len(parts) > 1 else "__init__")
+                    out.add(".".join(parts[1:]) or "__init__")
     return out
 
 
 def import_graph(src: Path = SRC) -> dict[str, set[str]]:
     trees = modules(src)
-    return {name: imported(tree, set(trees)) & set(trees) for name, tree in trees.items()}
+    return {name: (imported(tree, set(trees), name) & set(trees)) - {name} for name, tree in trees.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -95,6 +120,9 @@ def cfg_assigned(tree: ast.Module) -> list[int]:
 def test_the_graph_sees_function_level_imports():
     tree = ast.parse("def f():\n    from .b import x\n    from . import c, y\n    import mae_torch.d\n")
     assert imported(tree, {"b", "c", "d"}) == {"b", "c", "d", "__init__"}
+    inside = ast.parse("from ..config import x\nfrom .memory import y\nfrom . import folder\nfrom .. import z\n")
+    names = {"config", "data", "data.memory", "data.folder", "data.path"}
+    assert imported(inside, names, "data.path") == {"config", "data.memory", "data.folder", "__init__"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
@@ -112,6 +140,17 @@ def test_models_is_the_bottom_of_the_weights_modules():
     for name in ("tasks", "convert", "features", "bench"):
         assert "models" in graph[name], f"{name}.py should build its models through models.py"
     assert "tasks" not in graph["convert"] | graph["features"]
+
+
+def test_the_data_layers_batch_paths_import_no_source():
+    graph = import_graph()
+    sources = {"data.cifar", "data.folder"}
+    assert sources <= set(graph) and {"data.path", "data.memory", "data.stream", "data.splits"} <= set(graph)
+    for path in ("data.path", "data.memory", "data.stream", "data.splits", "data.items"):
+        assert not graph[path] & sources, f"{path} imports {sorted(graph[path] & sources)}"
+    for source in sources:
+        assert not graph[source] & {"data.path", "data.memory", "data.stream"}, f"{source} imports a batch path"
+    assert "data.path" in graph["engine"]  # the engine enters the data layer through the one batch object
 
 
 def test_no_module_attaches_a_config_to_a_model_from_outside():

@@ -41,8 +41,8 @@ from .augment import Augment
 from .config import Config, resolve
 from .convert import hf_config
 from .data import TensorImages, build_datasets
-from .datapath import DataPath
-from .memdata import DeviceBatches
+from .data.memory import DeviceBatches
+from .data.path import DataPath
 from .models import build_mae, build_vit
 from .optim import adamw, fused_adamw_on, param_groups, scaler_for
 from .runtime import (

@@ -10,7 +10,7 @@ Design decisions:
 - Validation runs with a fixed RNG seed (so MAE's validation masks, hence its loss, compare across epochs)
   without disturbing the training RNG stream.
 - The data order of epoch e is a permutation seeded by (seed, e), so a resumed run sees the same batches;
-  with it each image gets an augmentation seed, which the streaming path's workers use (datapath.Seeded).
+  with it each image gets an augmentation seed, which the streaming path's workers use (data.stream.Seeded).
   Under torchrun each process takes its slice of every global batch (DDP averages the gradients, with
   `no_sync` while accumulating); process r seeds its RNG with seed + r; only rank 0 logs and writes.
 - Every epoch (and every `save_every` steps) writes `checkpoint.pt`: everything a resume needs, down to the
@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm  # text bars: they work in terminals and notebooks without ipywidgets
 
 from .config import Config
-from .datapath import DataPath
+from .data.path import DataPath
 from .dist import Dist, setup
 from .errors import MAEError
 from .log import RunLogger, fmt_time

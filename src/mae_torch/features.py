@@ -32,8 +32,8 @@ from .augment import Augment
 from .config import ModelConfig
 from .convert import read
 from .data import build_datasets, build_eval_dataset
+from .data.memory import DeviceBatches, in_memory
 from .errors import MAEError
-from .memdata import DeviceBatches, in_memory
 from .models import build_mae, build_vit
 from .optim import LARS, lr_at
 from .runtime import Normalizer, autocast, load_state, make_loader, resolve_device, resolve_precision

@@ -2,95 +2,28 @@
 
 Design decisions:
 - Two paths behind one interface (`train_batches`, `val_batches`, `augment`, `describe`):
-  * on the device: small data sets (CIFAR-sized) decoded once into one uint8 tensor on the training device
-    (memdata.py); a batch is one index operation, and crop, flip and RandAugment run batched there;
-  * streaming: files decoded in DataLoader workers (persistent, prefetching, pinned memory) from the original
-    image, as the official code: pretraining RandomResizedCrop (bicubic) + flip, fine-tuning the same with
-    timm's RandAugment `rand-m9-mstd0.5-inc1`, validation Resize(img_size / crop_pct) + CenterCrop. Random
-    erasing (and mixup/cutmix, in the task) still run on the device, on the batch.
-- The streaming path is taken when the data does not fit (memdata.MAX_BYTES) or with `--no-in-memory`.
-  Workers only ever see the indices of this process's slice, in the engine's seeded order, so a resumed run
-  and every torchrun process read exactly what an uninterrupted run would. Each training image also carries
-  its own augmentation seed, drawn with the epoch's order (`Seeded`): a worker seeds the random crop, flip and
-  RandAugment from it, so the augmented images depend neither on the number of workers nor on where a run
-  was resumed.
-- Unreadable files are found where they are read, in the workers (data.ImageFiles): the run stops with the
+  * on the device (memory.py): small data sets (CIFAR-sized) decoded once into one uint8 tensor on the
+    training device; a batch is one index operation, and crop, flip and RandAugment run batched there;
+  * streaming (stream.py): images decoded in DataLoader workers (persistent, prefetching, pinned memory) and
+    augmented from the original image as the official code does; validation Resize(img_size / crop_pct) +
+    CenterCrop. Random erasing (and mixup/cutmix, in the task) still run on the device, on the batch.
+- The streaming path is taken when the data does not fit (memory.MAX_BYTES) or with `--no-in-memory`.
+  Workers only ever see the indices of this process's slice, in the engine's seeded order, with each image's
+  augmentation seed, so a resumed run and every torchrun process read exactly what an uninterrupted run would.
+- Unreadable files are found where they are read, in the workers (folder.ImageFiles): the run stops with the
   file's name, or with `--skip-bad-images` the file is replaced by the next readable one and counted.
 """
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
-import torchvision.transforms as T
-from timm.data.auto_augment import rand_augment_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from .augment import Augment
-from .config import ModelConfig, TrainConfig
-from .data import files_of, with_files
-from .memdata import DeviceBatches, in_memory
-
-BICUBIC = T.InterpolationMode.BICUBIC
-
-
-def train_transform(m: ModelConfig, tc: TrainConfig):
-    """PIL image -> PIL image (img_size square): the official code's training transform."""
-    s = m.img_size
-    ops = [
-        T.RandomResizedCrop(s, scale=tuple(tc.crop_scale), interpolation=BICUBIC)
-        if tuple(tc.crop_scale) != (1.0, 1.0)
-        else T.Compose([T.Resize(s, interpolation=BICUBIC), T.CenterCrop(s)])
-    ]
-    if tc.translate:
-        ops.append(T.RandomCrop(s, padding=tc.translate))
-    if tc.hflip:
-        ops.append(T.RandomHorizontalFlip())
-    if tc.randaugment:  # as timm's create_transform: translations of 45% of the side, grey fill at the mean
-        hparams = {"translate_const": int(s * 0.45), "img_mean": tuple(round(255 * v) for v in m.mean)}
-        ops.append(rand_augment_transform(f"rand-m9-n{tc.randaugment}-mstd0.5-inc1", hparams))
-    return T.Compose(ops)
-
-
-class Seeded(Dataset):
-    """Item (i, seed) -> item i of `inner` with Python's, NumPy's and torch's random numbers seeded by `seed`
-    (torchvision's transforms draw from torch, timm's RandAugment from Python and NumPy); the caller's random
-    state is left as it was, so this also holds in the main process (no workers)."""
-
-    def __init__(self, inner: Dataset):
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key: tuple[int, int]):
-        i, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                return self.inner[i]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-class Order(Sampler):
-    """The indices of the next pass, set before each one: lets one DataLoader (and its persistent workers)
-    serve every epoch in the engine's own order."""
-
-    def __init__(self):
-        self.indices: list[int] = []
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from ..augment import Augment
+from ..config import ModelConfig, TrainConfig
+from .memory import DeviceBatches, in_memory
+from .splits import files_of, with_files
+from .stream import Order, Seeded, train_transform
 
 
 class DataPath:

@@ -4,16 +4,15 @@ Design decisions:
 - CIFAR-sized data (50k images of 32x32 are 150 MB) is decoded once into a uint8 tensor and kept in memory,
   on the GPU when training there: a batch is one index operation, so the device never waits on PIL or on
   DataLoader workers. Larger data (ImageNet) keeps the DataLoader path (workers, pinned memory).
-- Folders are decoded once and cached as safetensors (no pickle) in `.mae-cache/` beside the images, or in
-  ~/.cache/mae-torch/tensors when that folder is read-only. The cache key hashes every file's path, size and
-  modification time plus the decode settings (no file is read for it), so editing, adding or removing an
-  image makes a new cache.
+- A source that decodes files (items.Decoded: a folder) is decoded once and cached as safetensors (no pickle)
+  under its own key (`cache_key`: for a folder every file's path, size and modification time plus the decode
+  settings, no file read), in the first writable of its `cache_dirs` (`.mae-cache/` beside the images, else
+  ~/.cache/mae-torch/tensors), so editing, adding or removing an image makes a new cache. This module knows
+  no source.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import ImageFiles, TensorImages, default_data_root
+from .items import Decoded, TensorImages
 
 MAX_BYTES = {"cpu": 8 << 30, "cuda": 4 << 30}  # larger datasets stay on the DataLoader path
 
@@ -36,26 +35,19 @@ def in_memory(ds: Dataset, device: torch.device, num_workers: int = 0) -> Tensor
             return None
         idx = torch.as_tensor(ds.indices, dtype=torch.long)
         return TensorImages(parent.images[idx], None if parent.labels is None else parent.labels[idx])
-    if isinstance(ds, ImageFiles):
+    if isinstance(ds, Decoded):
         size = len(ds) * len(ds.mode) * ds.img_size**2
         return decode_cached(ds, num_workers) if size <= MAX_BYTES.get(device.type, 0) else None
     return None
 
 
-def cache_path(ds: ImageFiles) -> Path:
-    """Where the decoded tensor of `ds` is cached: the key is every file's path, size and modification time
-    and the decode settings (one stat per file, computed once per dataset), so editing, adding or removing an
-    image makes a new cache."""
-    h = hashlib.sha1(json.dumps([ds.img_size, ds.mode, ds.crop_pct, ds.paths]).encode())
-    for p in ds.paths:
-        st = os.stat(p)
-        h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
-    return cache_folder(ds) / f"{h.hexdigest()[:16]}.safetensors"
+def cache_path(ds: Decoded) -> Path:
+    """Where the decoded tensor of `ds` is cached: its key, in the first writable of its cache folders."""
+    return cache_folder(ds) / f"{ds.cache_key()}.safetensors"
 
 
-def cache_folder(ds: ImageFiles) -> Path:
-    beside = Path(os.path.commonpath([os.path.dirname(p) for p in ds.paths])) / ".mae-cache"
-    for folder in (beside, Path(default_data_root()).parent / "tensors"):
+def cache_folder(ds: Decoded) -> Path:
+    for folder in ds.cache_dirs():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
@@ -65,7 +57,7 @@ def cache_folder(ds: ImageFiles) -> Path:
     raise OSError("no writable cache folder")
 
 
-def decode_cached(ds: ImageFiles, num_workers: int = 0) -> TensorImages:
+def decode_cached(ds: Decoded, num_workers: int = 0) -> TensorImages:
     """Decode every image of `ds` once (in parallel workers), or read the cached result."""
     path = cache_path(ds)
     held = getattr(ds, "decoded", None)
@@ -74,7 +66,7 @@ def decode_cached(ds: ImageFiles, num_workers: int = 0) -> TensorImages:
     return ds.decoded[1]
 
 
-def read_or_decode(ds: ImageFiles, path: Path, num_workers: int) -> TensorImages:
+def read_or_decode(ds: Decoded, path: Path, num_workers: int) -> TensorImages:
     if path.exists():
         t = load_file(str(path))
         return TensorImages(t["images"], t["labels"] if ds.labels is not None else None)
