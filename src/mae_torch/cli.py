@@ -353,6 +353,12 @@ COMMANDS: tuple[Command, ...] = (
         tools.add_embed_args,
         tools.run_embed,
     ),
+    Command(
+        "shards",
+        "write a folder of images (or CIFAR) as WebDataset tar shards, optionally pre-resized",
+        tools.add_shards_args,
+        tools.run_shards,
+    ),
     Command("knn", KNN, tools.add_knn_args, tools.run_knn, KNN + "."),
     Command("linprobe", LINPROBE, tools.add_linprobe_args, tools.run_linprobe, LINPROBE + "."),
     Command(

@@ -216,6 +216,31 @@ def run_linprobe(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- shards
+
+
+def add_shards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a folder of images (class subfolders give labels; train/ val/ test/ kept) or cifar10")
+    p.add_argument("out", help="the folder to write SPLIT-NNNNNN.tar shards and _info.json into")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument(
+        "--resize", type=int, default=0, help="re-encode images at this shorter side (JPEG); 0 = as they are"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    p.add_argument("--data-root", default="", help="where torchvision datasets are downloaded (cifar10/cifar100)")
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from .data.shards import source_splits, write_shards
+
+    splits, classes = source_splits(args.src, args.data_root or None)
+    info = write_shards(splits, classes, args.out, args.shard_size, args.resize, args.seed)
+    for split, entry in info["splits"].items():
+        print(f"{split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards")
+    print(f"wrote {args.out}/_info.json")
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 
 

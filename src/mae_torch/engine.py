@@ -309,7 +309,7 @@ class Trainer:
         tc, rc, group = self.cfg.train, self.cfg.run, self.group
         self.model.train()
         g = torch.Generator().manual_seed(rc.seed * 100_003 + epoch)
-        order = torch.randperm(self.n_train, generator=g)[: self.steps_per_epoch * tc.batch_size]
+        order = self.data.epoch_order(self.n_train, g)[: self.steps_per_epoch * tc.batch_size]
         both = torch.stack([order, torch.randint(2**62, order.shape, generator=g)], 1)  # + augmentation seeds
         both = both.view(self.steps_per_epoch, group.world, self.per_rank, 2)[:, group.rank].reshape(-1, 2)  # mine
         order, seeds = both[self.done * self.per_rank :].unbind(1)  # less what a resumed run already did

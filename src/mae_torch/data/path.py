@@ -10,6 +10,10 @@ Design decisions:
 - The streaming path is taken when the data does not fit (memory.MAX_BYTES) or with `--no-in-memory`.
   Workers only ever see the indices of this process's slice, in the engine's seeded order, with each image's
   augmentation seed, so a resumed run and every torchrun process read exactly what an uninterrupted run would.
+- Sources whose items share files (tar shards: items.Decoded.groups) are read in windows on the streaming path:
+  an epoch visits the files in a seeded random order, SHARD_WINDOW at a time, the items of a window shuffled
+  together, so every process's workers read a few files at any moment (`epoch_order`); each item is still seen
+  once per epoch and the order is the engine's seeded one, so resume and the per-rank slices hold.
 - Unreadable files are found where they are read, in the workers (folder.ImageFiles): the run stops with the
   file's name, or with `--skip-bad-images` the file is replaced by the next readable one and counted.
 """
@@ -25,6 +29,8 @@ from .memory import DeviceBatches, in_memory
 from .splits import files_of, with_files
 from .stream import Order, Seeded, train_transform
 
+SHARD_WINDOW = 8  # files (tar shards) whose items one stretch of a streaming epoch reads, shuffled together
+
 
 class DataPath:
     def __init__(
@@ -39,6 +45,7 @@ class DataPath:
     ):
         self.device, self.workers = device, workers
         self.loaders: dict = {}  # (split, batch, drop_last) -> (Order, DataLoader), streaming only
+        self.groups: torch.Tensor | None = None  # the file of each training item, read by windows (streaming)
         on_device = Augment(tc.crop_scale, tc.hflip, tc.randaugment, tc.reprob, device, tc.translate)
         train_mem = in_memory(train, device, workers) if mem else None
         self.files = [f for f in (files_of(train), files_of(val)) if f is not None]  # where skips are counted
@@ -52,10 +59,20 @@ class DataPath:
             train = with_files(train, transform=train_transform(m, tc))
             val = with_files(val, crop_pct=m.crop_pct)
             self.files = [files_of(train), files_of(val)]
+        if streaming:
+            self.groups = grouping(train)
             train = Seeded(train)
         self.train, self.val = train, val
         self.augment = Augment(reprob=tc.reprob, device=device) if streaming else on_device
         self.describe = f"by DataLoader, {workers} workers" + (", augmented there" if streaming else "")
+
+    def epoch_order(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """The n training items in one epoch's order, drawn from `g`: a permutation, or by windows of files."""
+        order = torch.randperm(n, generator=g)
+        if self.groups is None:
+            return order
+        window = torch.randperm(int(self.groups.max()) + 1, generator=g)[self.groups] // SHARD_WINDOW  # (n,)
+        return order[torch.argsort(window[order], stable=True)]
 
     def batches(self, which: str, order: torch.Tensor, batch: int, drop_last: bool, seeds: torch.Tensor | None = None):
         source = self.train if which == "train" else self.val
@@ -100,3 +117,12 @@ class DataPath:
     def skipped(self) -> int:
         """Unreadable training and validation files replaced so far (--skip-bad-images)."""
         return sum(int(f.skipped) for f in self.files)
+
+
+def grouping(ds: Dataset) -> torch.Tensor | None:
+    """The file of each item of a split, where its source's items share files (items.Decoded.groups)."""
+    base = files_of(ds)
+    groups = getattr(base, "groups", None)
+    if groups is None:
+        return None
+    return groups[torch.as_tensor(ds.indices)] if hasattr(ds, "indices") else groups
