@@ -17,7 +17,9 @@ Design decisions:
   config.py so the help text and the config can never disagree. Flags default to "not given", so only what
   you type overrides the preset and the `--config` file.
 - A run directory is never overwritten silently: an existing non-empty `--out` needs `--overwrite`, and
-  `--resume RUN_DIR` continues a run from its own config.yaml and checkpoint.pt.
+  `--resume RUN_DIR` continues a run from its own config.yaml and checkpoint.pt; `--resume auto --out RUN_DIR`
+  continues it when it has a checkpoint and starts it otherwise, so that a launcher's restarts (torchrun
+  `--max-restarts`, SLURM requeues) rerun one command line.
 - User errors (`MAEError`) print one line `mae: error: ...` and exit with status 2, no traceback.
 """
 
@@ -86,25 +88,43 @@ def add_train_args(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument("--out", metavar="RUN_DIR", help=f"run directory (default: runs/{command}-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run from its last checkpoint; auto: continue --out if it has one, else start it",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_config_flags(p)
 
 
+def resume_target(args: argparse.Namespace, marker: str) -> tuple[Path | None, bool]:
+    """(run directory, whether to continue it): --resume RUN_DIR continues that run; --resume auto continues
+    --out where it holds `marker` (its checkpoint) and starts there otherwise, replacing what an attempt left
+    before its first checkpoint; (None, False) without --resume."""
+    if args.resume != "auto":
+        return (Path(args.resume), True) if args.resume else (None, False)
+    if not args.out:
+        raise MAEError("--resume auto needs --out RUN_DIR: the run to continue, or to start there")
+    run_dir = Path(args.out)
+    if not (run_dir / marker).exists() and (run_dir / "config.yaml").exists():
+        args.overwrite = True  # an earlier attempt that died before its first checkpoint
+    return run_dir, (run_dir / marker).exists()
+
+
 def prepare_run(args: argparse.Namespace):
-    """The resolved config and the run directory."""
-    if args.resume:
-        run_dir = Path(args.resume)
+    """The resolved config, the run directory and whether to continue it."""
+    run_dir, resume = resume_target(args, "checkpoint.pt")
+    if resume:
         if not (run_dir / "config.yaml").exists():
             raise MAEError(f"cannot resume {run_dir}: no config.yaml and checkpoint.pt there")
-        return resolve(args.command, None, str(run_dir / "config.yaml"), overrides(args)), run_dir
+        return resolve(args.command, None, str(run_dir / "config.yaml"), overrides(args)), run_dir, True
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
     cfg = resolve(args.command, preset, args.config, overrides(args))
-    return cfg, Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg, run_dir or Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"), False
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg, run_dir = prepare_run(args)
+    cfg, run_dir, resume = prepare_run(args)
     if args.print_config:  # answered from the config alone, without loading torch
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
@@ -112,10 +132,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .dist import teardown
 
     job = tasks.pretrain if args.command == "pretrain" else tasks.finetune
-    try:
-        job(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
-    finally:
-        teardown()  # leave the torchrun process group before exit; exiting inside it can abort (SIGABRT)
+    job(cfg, run_dir, resume=resume, overwrite=args.overwrite)
+    # Leave the torchrun process group before exit (exiting inside it can abort), after success only: a
+    # process that failed may have peers stuck in a collective, and leaving would wait on them, where exiting
+    # lets the launcher restart the job (torchrun --max-restarts).
+    teardown()
     print(f"run directory: {run_dir}")
     return 0
 
@@ -157,7 +178,11 @@ def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="a speedrun's config.yaml: the same training, not measured")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/speedrun-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped speedrun")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped speedrun; auto: continue --out if begun, else start it",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -169,21 +194,21 @@ def run_speedrun(args: argparse.Namespace) -> int:
         if getattr(args, dest) is not None:
             section, key = dest.split(".")
             flags.setdefault(section, {})[key] = getattr(args, dest)
-    if args.resume:
-        run_dir = Path(args.resume)
+    run_dir, resume = resume_target(args, "state.json")
+    if resume:
         if not (run_dir / "config.yaml").exists():
             raise MAEError(f"cannot resume {run_dir}: no config.yaml there (is it a speedrun directory?)")
         spec = resolve_speedrun(None, str(run_dir / "config.yaml"), flags)
     else:
         preset = args.preset or (None if args.config else SPEEDRUN_PRESET)
         spec = resolve_speedrun(preset, args.config, flags)
-        run_dir = Path(args.out or f"runs/speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = run_dir or Path(args.out or f"runs/speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.print_config:
         print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
         return 0
     from .speedrun import speedrun
 
-    speedrun(spec, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    speedrun(spec, run_dir, resume=resume, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
     return 0
 

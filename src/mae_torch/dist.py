@@ -53,7 +53,12 @@ def setup(device_name: str) -> tuple[Dist, str]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # An elastic restart (torchrun --max-restarts) hands the new workers torchrun's store as the failed
+        # attempt left it; their own key prefix keeps them from connecting to the dead workers' addresses.
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"mae_torch/attempt_{attempt}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     if cuda:
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"

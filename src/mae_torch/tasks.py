@@ -45,7 +45,7 @@ def start_run(run_dir: Path, resume: bool, overwrite: bool) -> Path:
                 f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
                 "--overwrite to replace it, or another --out"
             )
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)  # every torchrun process may do it; each one's is enough
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
