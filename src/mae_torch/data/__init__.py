@@ -1,0 +1,165 @@
+"""Datasets: CIFAR-10/100 through torchvision, a local folder of images, or WebDataset tar shards.
+
+Design decisions:
+- Sources (cifar.py, folder.py, shards.py) yield the items of items.py; splits.py carves validation, the
+  held-out test part and label subsets; the batch paths (path.py: memory.py on the device, stream.py through
+  DataLoader workers) take any split and know no source.
+- A folder or a set of shards has up to three splits of its own: train, val and test (PATH/train, PATH/val,
+  PATH/test; shards named train*, val*, test*). Without val, validation is carved from the training images
+  (stratified, seeded); test (CIFAR's test split too) belongs to `build_eval_dataset` only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch.utils.data import Dataset
+
+from ..errors import MAEError
+from .cifar import cifar, is_cifar
+from .folder import IMAGE_EXTENSIONS, ImageFiles, check_folder, folder_images, list_images, split_folders
+from .items import TensorImages, default_data_root
+from .splits import HOLDOUT_SEED, carve, hold_out, label_subset
+
+__all__ = [
+    "HOLDOUT_SEED",
+    "IMAGE_EXTENSIONS",
+    "ImageFiles",
+    "TensorImages",
+    "build_datasets",
+    "build_eval_dataset",
+    "default_data_root",
+    "has_test_split",
+    "label_subset",
+    "list_images",
+]
+
+
+def is_shards(data: str) -> bool:
+    """A brace pattern or a .tar file, or a folder holding .tar files and no image folders."""
+    path = os.path.expanduser(data)
+    if ".tar" in path and ("{" in path or os.path.isfile(path) or not os.path.exists(path)):
+        return True
+    return os.path.isdir(path) and any(n.endswith(".tar") and not n.startswith(".") for n in os.listdir(path))
+
+
+def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool) -> dict:
+    """`data` (not CIFAR) as {"where", "train": (dataset, classes), "val": loader or None, "test": ...}: each
+    split after train is a function returning (dataset, classes), so a split that is not used is not listed."""
+    if is_shards(data):
+        from .shards import ShardSamples, shard_splits
+
+        paths = shard_splits(data)
+
+        def shards(split: str):
+            ds = ShardSamples(paths[split], img_size, in_chans, crop_pct, skip_bad=skip_bad)
+            return ds, ds.classes
+
+        out = {k: (lambda k=k: shards(k)) if paths.get(k) else None for k in ("val", "test")}
+        return {"where": data, "kind": "shards", "train": shards("train"), **out}
+    path = check_folder(data)
+    train, val, test = split_folders(path)
+
+    def folder(root: str):
+        return folder_images(root, img_size, in_chans, crop_pct, skip_bad)
+
+    out = {k: (lambda r=r: folder(r)) if r else None for k, r in (("val", val), ("test", test))}
+    return {"where": train, "kind": "folder", "train": folder(train), **out}
+
+
+def build_datasets(
+    data: str,
+    *,
+    data_root: str | None,
+    img_size: int,
+    in_chans: int = 3,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    need_labels: bool = False,
+    skip_bad: bool = False,
+    test_fraction: float = 0.0,
+) -> tuple[Dataset, Dataset, list[str] | None]:
+    """Train and validation splits of `data` and its class names (None for an unlabeled set).
+
+    skip_bad: an image that does not decode is replaced by the next readable one, with a warning and a count,
+    where it is read (nothing is decoded here: listing 1.28M files is the whole start-up cost).
+    test_fraction: this share of the training images is held out first (see `build_eval_dataset`)."""
+    if not 0 <= val_fraction < 1:
+        raise MAEError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
+    if is_cifar(data):  # validation from the TRAINING split: CIFAR's test split is for evaluation only
+        train, classes = cifar(data, data_root, True, img_size, in_chans)
+        return (*carve(hold_out(train, test_fraction, data)[0], val_fraction, seed, data), classes)
+    splits = open_splits(data, img_size, in_chans, 1.0, skip_bad)
+    train, classes = splits["train"]
+    if need_labels:
+        require_labels(splits, classes)
+    train = hold_out(train, test_fraction, splits["where"])[0]
+    if splits["val"] is None:
+        return (*carve(train, val_fraction, seed, splits["where"]), classes)
+    val, val_classes = splits["val"]()
+    if classes is None:
+        val.labels = None  # an unlabeled train set makes the whole run unlabeled
+    elif val_classes != classes:
+        missing = sorted(set(classes) - set(val_classes or []))
+        extra = sorted(set(val_classes or []) - set(classes))
+        raise MAEError(
+            f"the classes of {data}'s validation split differ from its training split's: missing in val "
+            f"{missing}, only in val {extra}; give val/ the same <class>/ subfolders as train/"
+        )
+    return train, val, classes
+
+
+def has_test_split(data: str) -> bool:
+    """Whether `data` has a test split of its own: CIFAR's, a folder's test/, or test*.tar shards."""
+    if is_cifar(data):
+        return True
+    if is_shards(data):
+        from .shards import shard_splits
+
+        return bool(shard_splits(data).get("test"))
+    return os.path.isdir(os.path.join(os.path.expanduser(data), "test"))
+
+
+def build_eval_dataset(
+    data: str,
+    *,
+    data_root: str | None,
+    img_size: int,
+    in_chans: int = 3,
+    crop_pct: float = 1.0,
+    test_fraction: float = 0.0,
+) -> tuple[Dataset, list[str]]:
+    """The labeled split to evaluate on (CIFAR's test split; a folder's test/, else val/, else the folder itself;
+    shards' test split, else val, else all) and its class names; images of another size are resized to
+    img_size / crop_pct (shorter side) and centre-cropped. test_fraction > 0: the training images that
+    `build_datasets` held out with the same fraction."""
+    if is_cifar(data):
+        if test_fraction > 0:
+            train, classes = cifar(data, data_root, True, img_size, in_chans)
+            return hold_out(train, test_fraction, data)[1], classes
+        return cifar(data, data_root, False, img_size, in_chans)
+    splits = open_splits(data, img_size, in_chans, crop_pct, False)
+    if test_fraction > 0:
+        ds, classes = splits["train"]
+        require_labels(splits, classes, min_classes=1)
+        return hold_out(ds, test_fraction, splits["where"])[1], classes
+    split = splits["test"] or splits["val"]
+    ds, classes = split() if split else splits["train"]
+    require_labels(splits, classes, min_classes=1)  # evaluating on a subset of the classes is fine
+    return ds, classes
+
+
+def require_labels(splits: dict, classes: list[str] | None, min_classes: int = 2) -> None:
+    where = splits["where"]
+    if classes is None and splits["kind"] == "shards":
+        raise MAEError(
+            f"the shards {where} carry no labels (KEY.cls or KEY.json beside each image); fine-tuning needs "
+            "them, unlabeled shards are valid for pretraining only"
+        )
+    if classes is None:
+        raise MAEError(
+            f"{where} has no class subfolders, so it is unlabeled: fine-tuning needs {where}/<class>/image "
+            "files; an unlabeled folder is valid for pretraining only"
+        )
+    if len(classes) < min_classes:
+        raise MAEError(f"{where} has only the class folder {classes}; classification needs at least 2 classes")
