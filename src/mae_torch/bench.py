@@ -315,8 +315,8 @@ def data_throughput(
 def describe(r: dict) -> str:
     if r["design"] == "data":
         return (
-            f"{r['mode']:>8}      data | {r['files']} files listed in {r['listing_s']:.1f} s; decoded and augmented "
-            f"by {r['workers']} workers at {r['preset']}'s size: {r['img_per_s']:.1f} img/s"
+            f"{r['mode']:>8}      data | {r['folder']}: {r['files']} images listed in {r['listing_s']:.1f} s; decoded "
+            f"and augmented by {r['workers']} workers at {r['preset']}'s size: {r['img_per_s']:.1f} img/s"
         )
     return (
         f"{r['mode']:>8} {r['design']:>9} | {r['preset']} batch {r['batch']} {r['precision']} on {r['device']}"

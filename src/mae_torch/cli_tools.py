@@ -272,9 +272,10 @@ def add_bench_args(p: argparse.ArgumentParser, preset: str) -> None:
     )
     p.add_argument(
         "--data",
-        default="",
-        metavar="FOLDER",
-        help="also time the streaming data path on this folder of images, beside the model step",
+        nargs="+",
+        default=[],
+        metavar="DATA",
+        help="also time the streaming data path on these folders of images or tar shards, side by side",
     )
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes for --data")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -306,12 +307,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(r) if args.json else describe(r), flush=True)
     for mode in modes if args.data else ():
         step = args.steps + args.warmup
-        r = data_throughput(args.data, args.preset, mode, args.batch_size, step, 2, args.device, args.num_workers)
-        results.append(r)
-        print(json.dumps(r) if args.json else describe(r), flush=True)
-        model = next(x["img_per_s"] for x in results if x["design"] == "mae-torch" and x["mode"] == mode)
-        if not args.json:
-            print(f"{mode:>8}: data / model step = {r['img_per_s'] / model:.2f} (below 1: the step waits on data)")
+        for data in args.data:
+            r = data_throughput(data, args.preset, mode, args.batch_size, step, 2, args.device, args.num_workers)
+            results.append(r)
+            print(json.dumps(r) if args.json else describe(r), flush=True)
+            model = next(x["img_per_s"] for x in results if x["design"] == "mae-torch" and x["mode"] == mode)
+            if not args.json:
+                print(f"{mode:>8}: data / model step = {r['img_per_s'] / model:.2f} (below 1: the step waits on data)")
     ours = next((r["img_per_s"] for r in results if r["design"] == "mae-torch" and r["mode"] == "pretrain"), 0)
     for design, what in (("baseline", "the starting design"), ("transformers", "transformers' ViTMAE")):
         other = [r["img_per_s"] for r in results if r["design"] == design]
