@@ -231,7 +231,7 @@ def add_shards_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_shards(args: argparse.Namespace) -> int:
-    from .data.shards import source_splits, write_shards
+    from .data.shard_writer import source_splits, write_shards
 
     splits, classes = source_splits(args.src, args.data_root or None)
     info = write_shards(splits, classes, args.out, args.shard_size, args.resize, args.seed)
