@@ -145,7 +145,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 SPEEDRUN_PRESET = "cifar10-speedrun"
 SPEEDRUN_FLAGS = (  # (flag, section.key, type, help); type None: a switch
-    ("--data", "run.data", str, "cifar10, cifar100, or a folder of images with class subfolders (default: cifar10)"),
+    (
+        "--data",
+        "run.data",
+        str,
+        "cifar10, cifar100, a folder of images (class subfolders give labels) or of tar shards, or "
+        "hf:NAME[:SPLIT] (default: cifar10)",
+    ),
     ("--minutes", "speedrun.minutes", float, "the budget: minutes of training, both stages together (default: 60)"),
     ("--label-fraction", "run.label_fraction", float, "fine-tune on this class-balanced share of the labels"),
     ("--labels-per-class", "run.labels_per_class", int, "fine-tune on this many labeled images per class"),

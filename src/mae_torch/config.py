@@ -160,7 +160,10 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    data: str = doc("cifar10, cifar100, or a folder of images (class subfolders give labels)", "cifar10")
+    data: str = doc(
+        "cifar10, cifar100, a folder of images (class subfolders give labels) or of tar shards, or hf:NAME[:SPLIT]",
+        "cifar10",
+    )
     data_root: str = doc("where torchvision datasets are downloaded; empty = ~/.cache/mae-torch/data", "")
     val_fraction: float = doc("share of training images held out for validation when there is no val/", 0.1)
     test_fraction: float = doc(

@@ -1,12 +1,13 @@
-"""Datasets: CIFAR-10/100 through torchvision, a local folder of images, or WebDataset tar shards.
+"""Datasets: CIFAR-10/100 through torchvision, a local folder of images, WebDataset tar shards, or a Hub dataset.
 
 Design decisions:
-- Sources (cifar.py, folder.py, shards.py) yield the items of items.py; splits.py carves validation, the
+- Sources (cifar.py, folder.py, shards.py, hf.py) yield the items of items.py; splits.py carves validation, the
   held-out test part and label subsets; the batch paths (path.py: memory.py on the device, stream.py through
   DataLoader workers) take any split and know no source.
-- A folder or a set of shards has up to three splits of its own: train, val and test (PATH/train, PATH/val,
-  PATH/test; shards named train*, val*, test*). Without val, validation is carved from the training images
-  (stratified, seeded); test (CIFAR's test split too) belongs to `build_eval_dataset` only.
+- A folder, a set of shards or a Hub dataset has up to three splits of its own: train, val and test
+  (PATH/train, PATH/val, PATH/test; shards named train*, val*, test*; the Hub dataset's train, validation and
+  test). Without val, validation is carved from the training images (stratified, seeded); test (CIFAR's test
+  split too) belongs to `build_eval_dataset` only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import MAEError
 from .cifar import cifar, is_cifar
 from .folder import IMAGE_EXTENSIONS, ImageFiles, check_folder, folder_images, list_images, split_folders
+from .hf import is_hub
 from .items import TensorImages, default_data_root
 from .splits import HOLDOUT_SEED, carve, hold_out, label_subset
 
@@ -46,6 +48,17 @@ def is_shards(data: str) -> bool:
 def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool) -> dict:
     """`data` (not CIFAR) as {"where", "train": (dataset, classes), "val": loader or None, "test": ...}: each
     split after train is a function returning (dataset, classes), so a split that is not used is not listed."""
+    if is_hub(data):
+        from .hf import HubImages, hub_splits
+
+        parts = hub_splits(data)
+
+        def hub(split: str):
+            ds = HubImages(parts[split], data, img_size, in_chans, crop_pct, skip_bad)
+            return ds, ds.classes
+
+        out = {k: (lambda k=k: hub(k)) if parts[k] is not None else None for k in ("val", "test")}
+        return {"where": data, "kind": "hub", "train": hub("train"), **out}
     if is_shards(data):
         from .shards import ShardSamples, shard_splits
 
@@ -113,6 +126,10 @@ def has_test_split(data: str) -> bool:
     """Whether `data` has a test split of its own: CIFAR's, a folder's test/, or test*.tar shards."""
     if is_cifar(data):
         return True
+    if is_hub(data):
+        from .hf import hub_splits
+
+        return hub_splits(data)["test"] is not None
     if is_shards(data):
         from .shards import shard_splits
 
@@ -151,6 +168,11 @@ def build_eval_dataset(
 
 def require_labels(splits: dict, classes: list[str] | None, min_classes: int = 2) -> None:
     where = splits["where"]
+    if classes is None and splits["kind"] == "hub":
+        raise MAEError(
+            f"the Hub dataset {where} has no label column (a ClassLabel feature, or one named label); "
+            "fine-tuning needs one, an unlabeled dataset is valid for pretraining only"
+        )
     if classes is None and splits["kind"] == "shards":
         raise MAEError(
             f"the shards {where} carry no labels (KEY.cls or KEY.json beside each image); fine-tuning needs "
