@@ -46,8 +46,8 @@ def is_shards(data: str) -> bool:
 
 
 def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool) -> dict:
-    """`data` (not CIFAR) as {"where", "train": (dataset, classes), "val": loader or None, "test": ...}: each
-    split after train is a function returning (dataset, classes), so a split that is not used is not listed."""
+    """`data` (not CIFAR) as {"where", "kind", "train": (dataset, classes), "val": ..., "test": ...}: val and test
+    are functions returning (dataset, classes), or None, so a split that is not used is not listed."""
     if is_hub(data):
         from .hf import HubImages, hub_splits
 
@@ -57,8 +57,7 @@ def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_b
             ds = HubImages(parts[split], data, img_size, in_chans, crop_pct, skip_bad)
             return ds, ds.classes
 
-        out = {k: (lambda k=k: hub(k)) if parts[k] is not None else None for k in ("val", "test")}
-        return {"where": data, "kind": "hub", "train": hub("train"), **out}
+        return lazy_splits(data, "hub", hub, lambda k: parts[k] is not None)
     if is_shards(data):
         from .shards import ShardSamples, shard_splits
 
@@ -68,16 +67,20 @@ def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_b
             ds = ShardSamples(paths[split], img_size, in_chans, crop_pct, skip_bad=skip_bad)
             return ds, ds.classes
 
-        out = {k: (lambda k=k: shards(k)) if paths.get(k) else None for k in ("val", "test")}
-        return {"where": data, "kind": "shards", "train": shards("train"), **out}
-    path = check_folder(data)
-    train, val, test = split_folders(path)
+        return lazy_splits(data, "shards", shards, lambda k: bool(paths[k]))
+    roots = dict(zip(("train", "val", "test"), split_folders(check_folder(data))))
+    return lazy_splits(
+        roots["train"],
+        "folder",
+        lambda k: folder_images(roots[k], img_size, in_chans, crop_pct, skip_bad),
+        lambda k: roots[k] is not None,
+    )
 
-    def folder(root: str):
-        return folder_images(root, img_size, in_chans, crop_pct, skip_bad)
 
-    out = {k: (lambda r=r: folder(r)) if r else None for k, r in (("val", val), ("test", test))}
-    return {"where": train, "kind": "folder", "train": folder(train), **out}
+def lazy_splits(where: str, kind: str, split, exists) -> dict:
+    """The training split opened now, val and test as functions that open them (None where there is none)."""
+    later = {k: (lambda k=k: split(k)) if exists(k) else None for k in ("val", "test")}
+    return {"where": where, "kind": kind, "train": split("train"), **later}
 
 
 def build_datasets(
