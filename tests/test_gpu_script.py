@@ -42,6 +42,7 @@ def test_the_gpu_script_leaves_bench_rows_results_and_weights(tmp_path):
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT / "src"),
+        "PYTHON": sys.executable,
         "OUT": str(out),
         "ZIP": str(cifar_like_zip(tmp_path / "c.zip")),
         "DEVICE": "cpu",
