@@ -149,7 +149,7 @@ def build_eval_dataset(
     crop_pct: float = 1.0,
     test_fraction: float = 0.0,
 ) -> tuple[Dataset, list[str]]:
-    """The labeled split to evaluate on (CIFAR's test split; a folder's test/, else val/, else the folder itself;
+    """The labeled split to evaluate on (CIFAR's test split; a folder's test/, else val/, else train/, else the folder;
     shards' test split, else val, else all) and its class names; images of another size are resized to
     img_size / crop_pct (shorter side) and centre-cropped. test_fraction > 0: the training images that
     `build_datasets` held out with the same fraction."""
@@ -158,6 +158,14 @@ def build_eval_dataset(
             train, classes = cifar(data, data_root, True, img_size, in_chans)
             return hold_out(train, test_fraction, data)[1], classes
         return cifar(data, data_root, False, img_size, in_chans)
+    if test_fraction == 0 and not (is_hub(data) or is_shards(data)):  # a folder of test images alone is fine
+        path = check_folder(data)
+        root = next(
+            (os.path.join(path, s) for s in ("test", "val", "train") if os.path.isdir(os.path.join(path, s))), path
+        )
+        ds, classes = folder_images(root, img_size, in_chans, crop_pct)
+        require_labels({"where": root, "kind": "folder"}, classes, min_classes=1)
+        return ds, classes
     splits = open_splits(data, img_size, in_chans, crop_pct, False)
     if test_fraction > 0:
         ds, classes = splits["train"]
