@@ -205,3 +205,13 @@ def test_bad_shard_inputs_are_one_line_errors(shards, tmp_path, capsys):
     (counted / "_info.json").write_text(json.dumps(info))
     assert mae("pretrain", *CPU, "--data", counted, "--out", tmp_path / "r4") == 2
     assert "holds 16 samples, but" in capsys.readouterr().err
+
+
+def test_an_image_folder_with_a_stray_tar_is_still_a_folder(folder, shards, tmp_path):
+    images = tmp_path / "images"
+    for f in (folder / "train").rglob("*.png"):
+        (images / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (images / f.parent.name / f.name).write_bytes(f.read_bytes())
+    (images / "backup.tar").write_bytes((shards / "train-000000.tar").read_bytes())
+    train, val, classes = build_datasets(str(images), data_root=None, img_size=16, val_fraction=0.1)
+    assert classes == sorted(CLASSES) and len(train) + len(val) == 90

@@ -38,11 +38,15 @@ __all__ = [
 
 
 def is_shards(data: str) -> bool:
-    """A brace pattern or a .tar file, or a folder holding .tar files and no image folders."""
+    """A brace pattern or a .tar file, or a folder holding .tar files and no (visible) subfolders."""
     path = os.path.expanduser(data)
     if ".tar" in path and ("{" in path or os.path.isfile(path) or not os.path.exists(path)):
         return True
-    return os.path.isdir(path) and any(n.endswith(".tar") and not n.startswith(".") for n in os.listdir(path))
+    if not os.path.isdir(path):
+        return False
+    names = [n for n in os.listdir(path) if not n.startswith(".")]
+    folders = any(os.path.isdir(os.path.join(path, n)) for n in names)
+    return not folders and any(n.endswith(".tar") for n in names)
 
 
 def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool) -> dict:
