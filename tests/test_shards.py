@@ -215,3 +215,13 @@ def test_an_image_folder_with_a_stray_tar_is_still_a_folder(folder, shards, tmp_
     (images / "backup.tar").write_bytes((shards / "train-000000.tar").read_bytes())
     train, val, classes = build_datasets(str(images), data_root=None, img_size=16, val_fraction=0.1)
     assert classes == sorted(CLASSES) and len(train) + len(val) == 90
+
+
+def test_test_shards_alone_evaluate_but_do_not_train(shards, tmp_path):
+    only = tmp_path / "only-test"
+    only.mkdir()
+    for f in shards.glob("test-*.tar"):
+        (only / f.name).write_bytes(f.read_bytes())
+    assert len(build_eval_dataset(str(only), data_root=None, img_size=16)[0]) == 18
+    with pytest.raises(MAEError, match="has val or test shards but no training shards"):
+        build_datasets(str(only), data_root=None, img_size=16)

@@ -49,9 +49,10 @@ def is_shards(data: str) -> bool:
     return not folders and any(n.endswith(".tar") for n in names)
 
 
-def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool) -> dict:
-    """`data` (not CIFAR) as {"where", "kind", "train": (dataset, classes), "val": ..., "test": ...}: val and test
-    are functions returning (dataset, classes), or None, so a split that is not used is not listed."""
+def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_bad: bool, need_train=True) -> dict:
+    """`data` (not CIFAR) as {"kind", "train", "val", "test"}: each split a function returning (dataset, classes,
+    where it is), or None where there is none, so a split that is not used is not listed. need_train False
+    (evaluation): data without a training split is fine."""
     if is_hub(data):
         from .hf import HubImages, hub_splits
 
@@ -59,32 +60,30 @@ def open_splits(data: str, img_size: int, in_chans: int, crop_pct: float, skip_b
 
         def hub(split: str):
             ds = HubImages(parts[split], data, img_size, in_chans, crop_pct, skip_bad)
-            return ds, ds.classes
+            return ds, ds.classes, data
 
-        return lazy_splits(data, "hub", hub, lambda k: parts[k] is not None)
+        return lazy_splits("hub", hub, lambda k: parts[k] is not None)
     if is_shards(data):
         from .shards import ShardSamples, shard_splits
 
-        paths = shard_splits(data)
+        paths = shard_splits(data, need_train)
 
         def shards(split: str):
             ds = ShardSamples(paths[split], img_size, in_chans, crop_pct, skip_bad=skip_bad)
-            return ds, ds.classes
+            return ds, ds.classes, data
 
-        return lazy_splits(data, "shards", shards, lambda k: bool(paths[k]))
-    roots = dict(zip(("train", "val", "test"), split_folders(check_folder(data))))
-    return lazy_splits(
-        roots["train"],
-        "folder",
-        lambda k: folder_images(roots[k], img_size, in_chans, crop_pct, skip_bad),
-        lambda k: roots[k] is not None,
-    )
+        return lazy_splits("shards", shards, lambda k: bool(paths[k]))
+    roots = dict(zip(("train", "val", "test"), split_folders(check_folder(data), need_train)))
+
+    def folder(split: str):
+        return *folder_images(roots[split], img_size, in_chans, crop_pct, skip_bad), roots[split]
+
+    return lazy_splits("folder", folder, lambda k: roots[k] is not None)
 
 
-def lazy_splits(where: str, kind: str, split, exists) -> dict:
-    """The training split opened now, val and test as functions that open them (None where there is none)."""
-    later = {k: (lambda k=k: split(k)) if exists(k) else None for k in ("val", "test")}
-    return {"where": where, "kind": kind, "train": split("train"), **later}
+def lazy_splits(kind: str, split, exists) -> dict:
+    """Each split as a function that opens it (None where there is none)."""
+    return {"kind": kind, **{k: (lambda k=k: split(k)) if exists(k) else None for k in ("train", "val", "test")}}
 
 
 def build_datasets(
@@ -110,13 +109,13 @@ def build_datasets(
         train, classes = cifar(data, data_root, True, img_size, in_chans)
         return (*carve(hold_out(train, test_fraction, data)[0], val_fraction, seed, data), classes)
     splits = open_splits(data, img_size, in_chans, 1.0, skip_bad)
-    train, classes = splits["train"]
+    train, classes, where = splits["train"]()
     if need_labels:
-        require_labels(splits, classes)
-    train = hold_out(train, test_fraction, splits["where"])[0]
+        require_labels(splits["kind"], where, classes)
+    train = hold_out(train, test_fraction, where)[0]
     if splits["val"] is None:
-        return (*carve(train, val_fraction, seed, splits["where"]), classes)
-    val, val_classes = splits["val"]()
+        return (*carve(train, val_fraction, seed, where), classes)
+    val, val_classes, _ = splits["val"]()
     if classes is None:
         val.labels = None  # an unlabeled train set makes the whole run unlabeled
     elif val_classes != classes:
@@ -140,7 +139,7 @@ def has_test_split(data: str) -> bool:
     if is_shards(data):
         from .shards import shard_splits
 
-        return bool(shard_splits(data).get("test"))
+        return bool(shard_splits(data, need_train=False)["test"])
     return os.path.isdir(os.path.join(os.path.expanduser(data), "test"))
 
 
@@ -162,33 +161,23 @@ def build_eval_dataset(
             train, classes = cifar(data, data_root, True, img_size, in_chans)
             return hold_out(train, test_fraction, data)[1], classes
         return cifar(data, data_root, False, img_size, in_chans)
-    if test_fraction == 0 and not (is_hub(data) or is_shards(data)):  # a folder of test images alone is fine
-        path = check_folder(data)
-        root = next(
-            (os.path.join(path, s) for s in ("test", "val", "train") if os.path.isdir(os.path.join(path, s))), path
-        )
-        ds, classes = folder_images(root, img_size, in_chans, crop_pct)
-        require_labels({"where": root, "kind": "folder"}, classes, min_classes=1)
-        return ds, classes
-    splits = open_splits(data, img_size, in_chans, crop_pct, False)
+    splits = open_splits(data, img_size, in_chans, crop_pct, False, need_train=test_fraction > 0)
     if test_fraction > 0:
-        ds, classes = splits["train"]
-        require_labels(splits, classes, min_classes=1)
-        return hold_out(ds, test_fraction, splits["where"])[1], classes
-    split = splits["test"] or splits["val"]
-    ds, classes = split() if split else splits["train"]
-    require_labels(splits, classes, min_classes=1)  # evaluating on a subset of the classes is fine
+        ds, classes, where = splits["train"]()
+        require_labels(splits["kind"], where, classes, min_classes=1)
+        return hold_out(ds, test_fraction, where)[1], classes
+    ds, classes, where = (splits["test"] or splits["val"] or splits["train"])()
+    require_labels(splits["kind"], where, classes, min_classes=1)  # evaluating on a subset of the classes is fine
     return ds, classes
 
 
-def require_labels(splits: dict, classes: list[str] | None, min_classes: int = 2) -> None:
-    where = splits["where"]
-    if classes is None and splits["kind"] == "hub":
+def require_labels(kind: str, where: str, classes: list[str] | None, min_classes: int = 2) -> None:
+    if classes is None and kind == "hub":
         raise MAEError(
             f"the Hub dataset {where} has no label column (a ClassLabel feature, or one named label); "
             "fine-tuning needs one, an unlabeled dataset is valid for pretraining only"
         )
-    if classes is None and splits["kind"] == "shards":
+    if classes is None and kind == "shards":
         raise MAEError(
             f"the shards {where} carry no labels (KEY.cls or KEY.json beside each image); fine-tuning needs "
             "them, unlabeled shards are valid for pretraining only"

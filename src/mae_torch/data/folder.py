@@ -84,17 +84,20 @@ def check_folder(data: str) -> str:
     return path
 
 
-def split_folders(path: str) -> tuple[str, str | None, str | None]:
+def split_folders(path: str, need_train: bool = True) -> tuple[str | None, str | None, str | None]:
     """(the training images' folder, PATH/val or None, PATH/test or None) of a data folder: PATH/train when it
-    exists, else PATH itself; val/ or test/ without train/ is an error (they would silently become classes)."""
+    exists, else PATH itself. val/ or test/ without train/ is an error when training (they would silently become
+    classes), and for evaluation alone (need_train False) a folder with no training split (None)."""
     train = os.path.join(path, "train")
-    if not os.path.isdir(train):
-        for name in ("val", "test"):
-            if os.path.isdir(os.path.join(path, name)):
-                raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
+    val, test = (p if os.path.isdir(p) else None for p in (os.path.join(path, s) for s in ("val", "test")))
+    if os.path.isdir(train):
+        return train, val, test
+    if not (val or test):
         return path, None, None
-    val, test = (os.path.join(path, s) for s in ("val", "test"))
-    return train, val if os.path.isdir(val) else None, test if os.path.isdir(test) else None
+    if need_train:
+        name = "val" if val else "test"
+        raise MAEError(f"{path} has {name}/ but no train/; put the training images in {path}/train")
+    return None, val, test
 
 
 def visible(names: list[str]) -> list[str]:

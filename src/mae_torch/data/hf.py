@@ -16,6 +16,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def parse(data: str) -> tuple[str, str]:
     return name, split or "train"
 
 
-def load(data: str) -> dict:
-    """The dataset's splits {name: datasets.Dataset} and which trains, from "hf:NAME[:SPLIT]"."""
+def load(data: str):
+    """The dataset's splits (a datasets.DatasetDict) and the name of the one that trains, from "hf:NAME[:SPLIT]"."""
     try:
         import datasets
     except ImportError as e:
@@ -62,13 +63,12 @@ def load(data: str) -> dict:
         ) from e
     if split not in splits:
         raise MAEError(f"the Hub dataset {name} has no split {split!r}; it has {sorted(splits)}: use hf:{name}:SPLIT")
-    return {"name": name, "train": split, "splits": splits}
+    return splits, split
 
 
 def hub_splits(data: str) -> dict:
     """{"train": datasets.Dataset, "val": ... or None, "test": ... or None} of "hf:NAME[:SPLIT]"."""
-    loaded = load(data)
-    splits, train = loaded["splits"], loaded["train"]
+    splits, train = load(data)
     val = next((s for s in VAL_SPLITS if s in splits and s != train), None)
     test = "test" if "test" in splits and train != "test" else None
     return {"train": splits[train], "val": splits[val] if val else None, "test": splits[test] if test else None}
@@ -129,8 +129,6 @@ class HubImages(Decoded):
         return f"image of row {j} of {self.data} ({self.split} split)"
 
     def cache_key(self) -> str:
-        import hashlib
-
         key = f"{self.rows._fingerprint} {self.img_size} {self.mode} {self.crop_pct}"
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 

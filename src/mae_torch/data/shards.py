@@ -57,15 +57,16 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + o + rest for o in options for rest in expand_braces(tail)]
 
 
-def shard_splits(data: str) -> dict[str, list[str]]:
-    """{"train", "val", "test": sorted shard paths} of a folder of shards, one .tar file or a brace pattern."""
+def shard_splits(data: str, need_train: bool = True) -> dict[str, list[str]]:
+    """{"train", "val", "test": sorted shard paths} of a folder of shards, one .tar file or a brace pattern; a
+    folder without training shards is an error when training (need_train)."""
     path = os.path.expanduser(data)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     if os.path.isdir(path):
         for name in sorted(n for n in os.listdir(path) if n.endswith(".tar") and not n.startswith(".")):
             m = SPLIT_WORD.search(name.lower())
             splits[m.group(1) if m else "train"].append(os.path.join(path, name))
-        if not splits["train"]:
+        if need_train and not splits["train"]:
             raise MAEError(f"{path} has val or test shards but no training shards; name those train-NNNNNN.tar")
         return splits
     names = expand_braces(path)
