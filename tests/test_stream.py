@@ -50,10 +50,49 @@ def test_images_keep_their_aspect_ratio(tmp_path):
 def test_training_transform_crops_the_original_image(tmp_path):
     cfg = resolve("finetune", "cifar10-vit-tiny-improved")
     t = train_transform(cfg.model, cfg.train)
-    im = Image.open(stripes(tmp_path / "s.png")).convert("RGB")
-    outs = [np.asarray(t(im)) for _ in range(20)]
-    assert all(o.shape == (32, 32, 3) for o in outs)
-    assert any(o[..., 0].max() > 200 for o in outs)  # the red sides, outside the centre square, get sampled
+    x = torch.from_numpy(np.asarray(Image.open(stripes(tmp_path / "s.png")).convert("RGB"))).permute(2, 0, 1)
+    outs = [t(x) for _ in range(20)]
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.uint8 for o in outs)
+    assert any(o[0].max() > 200 for o in outs)  # the red sides, outside the centre square, get sampled
+
+
+@pytest.mark.parametrize("size", [(500, 375), (37, 61)])
+def test_training_transform_is_the_official_pil_one_to_within_rounding(size):
+    """Same seed, same crop and flip as the official code's PIL transform; the bicubic resize's pixels within 2."""
+    import torchvision.transforms as T1
+
+    cfg = resolve("pretrain", "imagenet-vit-base")
+    rng = np.random.default_rng(0)
+    w, h = size
+    smooth = np.kron(rng.random((h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+    img = ((smooth * 0.8 + rng.random((h, w, 3)) * 0.2) * 255).astype(np.uint8)  # coarse colour + fine noise
+    official = T1.Compose([T1.RandomResizedCrop(224, (0.2, 1.0), interpolation=T1.InterpolationMode.BICUBIC),
+                           T1.RandomHorizontalFlip()])  # fmt: skip
+    ours = train_transform(cfg.model, cfg.train)
+    x = torch.from_numpy(img).permute(2, 0, 1)  # as torchvision's decoder gives it: channels-last strides
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ref = torch.from_numpy(np.asarray(official(Image.fromarray(img)))).permute(2, 0, 1).int()
+        torch.manual_seed(seed)
+        diff = (ours(x).int() - ref).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.2, (seed, diff.max(), diff.float().mean())
+
+
+def test_torchvision_and_pil_decode_the_same_pixels(tmp_path):
+    """The streaming path decodes with torchvision where it can, PIL elsewhere: the same image either way."""
+    rng = np.random.default_rng(1)
+    img = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+    paths = []
+    for fmt, mode in [("jpg", "RGB"), ("png", "RGB"), ("png", "P"), ("bmp", "RGB"), ("webp", "RGB")]:
+        paths.append(str(tmp_path / f"{len(paths)}.{fmt}"))
+        Image.fromarray(img).convert(mode).save(paths[-1])
+    wide = (rng.random((40, 56)) * 65535).astype(np.uint16)
+    paths.append(str(tmp_path / "16bit.png"))
+    Image.fromarray(wide).save(paths[-1])
+    files = ImageFiles(paths, None, img_size=8)
+    for j in range(len(paths)):
+        ref = torch.from_numpy(np.asarray(files.convert(files.open(j)))).permute(2, 0, 1)
+        assert torch.equal(files.decode_tensor(j), ref), paths[j]
 
 
 def run(args, tmp_path, name):

@@ -9,8 +9,6 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import MAEError
 from .items import Decoded, tensor_cache_dir
 
@@ -38,8 +36,9 @@ class ImageFiles(Decoded):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def open(self, j: int) -> Image.Image:
-        return Image.open(self.paths[j])
+    def read(self, j: int) -> bytes:
+        with open(self.paths[j], "rb") as f:
+            return f.read()
 
     def name(self, j: int) -> str:
         return f"image {self.paths[j]}"

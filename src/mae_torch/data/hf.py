@@ -17,11 +17,9 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..errors import MAEError
 from .items import Decoded, short, tensor_cache_dir
@@ -117,12 +115,12 @@ class HubImages(Decoded):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def open(self, j: int) -> Image.Image:
+    def read(self, j: int) -> bytes:
         cell = self.rows[j][self.image]  # {"bytes": ..., "path": ...}
         if cell.get("bytes"):
-            return Image.open(io.BytesIO(cell["bytes"]))
+            return cell["bytes"]
         if cell.get("path"):
-            return Image.open(cell["path"])
+            return Path(cell["path"]).read_bytes()
         raise ValueError("the row holds no image")
 
     def name(self, j: int) -> str:

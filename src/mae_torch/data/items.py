@@ -5,15 +5,23 @@ Design decisions:
   items stay cheap and the same data serves every stage. Every dataset has a `labels` attribute (list or
   tensor of int, or None): None means unlabeled, fine for pretraining and an error for fine-tuning.
 - `Decoded` is the one place images are decoded, whatever holds their bytes (a folder's files, tar shards): a
-  source says how to open item j and what to call it in an error, and how its decode is cached (`cache_key`,
-  `cache_dirs`, read by memory.py); the skip-and-count of unreadable images and the resize to img_size live
-  here once. `groups` (None, or the file of each item) tells the streaming path which items share a file.
+  source says how to read item j's bytes and what to call it in an error, and how its decode is cached
+  (`cache_key`, `cache_dirs`, read by memory.py); the skip-and-count of unreadable images and the resize to
+  img_size live here once. `groups` (None, or the file of each item) tells the streaming path which items share
+  a file.
+- Two decoders, by what follows them. The resize to img_size (evaluation, the decode cached for the device path)
+  is PIL's, as it always was. The streaming path's training transform works on uint8 tensors: torchvision's
+  decoder (libjpeg-turbo, as PIL's, the same pixels) hands it a (C, H, W) tensor without PIL's copies, and the
+  crop's bicubic resize runs in PyTorch's vectorised uint8 kernel (docs/benchmarks.md: 1.7x the images per
+  worker); formats or depths torchvision does not decode to 8 bits (16-bit PNG, BMP, TIFF) go through PIL.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +31,24 @@ from torch.utils.data import Dataset
 
 from ..errors import MAEError
 
+try:  # deprecated by torchvision 0.29 for TorchCodec's; where gone, PIL's decoder takes over (the same pixels)
+    from torchvision.io import ImageReadMode, decode_image
+
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+except ImportError:
+    decode_image = None
+
 
 class Decoded(Dataset):
     """Images decoded on read: item i -> (uint8 tensor (C, H, W), label int; -1 when unlabeled).
 
     Without a `transform`, an image of another size keeps its aspect ratio: its shorter side is resized
     (bicubic) to img_size / crop_pct and the centre img_size square is cut out (crop_pct 1: the largest
-    centred square; ImageNet evaluation: 0.875). A `transform` (PIL -> PIL of img_size square) replaces that,
-    e.g. the streaming path's random resized crop of the original image. An image that does not decode is an
-    error naming it, or with `skip_bad` is replaced by the next readable one and counted in `skipped`
-    (shared with DataLoader workers). Subclasses give `__len__`, `open`, `name`, `cache_key` and `cache_dirs`.
+    centred square; ImageNet evaluation: 0.875). A `transform` (uint8 tensor (C, H, W) -> uint8 tensor of
+    img_size square) replaces that, e.g. the streaming path's random resized crop of the original image. An
+    image that does not decode is an error naming it, or with `skip_bad` is replaced by the next readable one
+    and counted in `skipped` (shared with DataLoader workers). Subclasses give `__len__`, `read`, `name`,
+    `cache_key` and `cache_dirs`.
     """
 
     groups: torch.Tensor | None = None  # the file of each item where items share files (tar shards)
@@ -51,8 +67,8 @@ class Decoded(Dataset):
         self.crop_pct, self.transform, self.skip_bad = crop_pct, transform, skip_bad
         self.skipped = torch.zeros((), dtype=torch.long).share_memory_()
 
-    def open(self, j: int) -> Image.Image:
-        """Item j's image, opened (PIL raises OSError, ValueError or SyntaxError for a corrupt one)."""
+    def read(self, j: int) -> bytes:
+        """Item j's encoded image (a file's bytes)."""
         raise NotImplementedError
 
     def name(self, j: int) -> str:
@@ -67,11 +83,15 @@ class Decoded(Dataset):
         """Where the decoded tensor may be cached, in order of preference."""
         raise NotImplementedError
 
+    def open(self, j: int) -> Image.Image:
+        """Item j's image, opened (PIL raises OSError, ValueError or SyntaxError for a corrupt one)."""
+        return Image.open(io.BytesIO(self.read(j)))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         n = len(self)
         for j in range(i, i + n):  # the next readable image stands in for a bad one (skip_bad)
             try:
-                im = self.decode(j % n)
+                x = self.load(j % n)
                 break
             except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt files
                 if not self.skip_bad:
@@ -80,12 +100,30 @@ class Decoded(Dataset):
                 print(f"warning: skipped unreadable {self.name(j % n)}: {short(e)}", file=sys.stderr)
         else:
             raise MAEError(f"no image of the {n} in this split decodes; check the data")
-        x = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, C) or (H, W) for "L"
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
         return x, -1 if self.labels is None else int(self.labels[j % n])
 
-    def decode(self, j: int) -> Image.Image:
-        with self.open(j) as im:
+    def load(self, j: int) -> torch.Tensor:
+        """Item j as uint8 (C, H, W): through the transform, else resized to img_size and centre-cropped."""
+        if self.transform is not None:
+            return self.transform(self.decode_tensor(j)).contiguous()
+        return as_tensor(self.decode(j))
+
+    def decode_tensor(self, j: int) -> torch.Tensor:
+        """Item j at its own size as uint8 (C, H, W): torchvision's decoder, else PIL's (errors are PIL's)."""
+        data = self.read(j)
+        if decode_image is not None:
+            mode = ImageReadMode.RGB if self.mode == "RGB" else ImageReadMode.GRAY
+            try:
+                x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+                if x.dtype == torch.uint8:
+                    return x  # (C, H, W), channels-last strides: what the uint8 resize kernel reads
+            except RuntimeError:
+                pass  # not a format torchvision decodes, or damaged: PIL decodes it or names the damage
+        return as_tensor(self.convert(Image.open(io.BytesIO(data))))
+
+    def convert(self, im: Image.Image) -> Image.Image:
+        """An opened image, loaded and in this source's mode (RGB or L)."""
+        with im:
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
             if im.mode.startswith("I"):  # 16-bit (or 32-bit) greyscale: PIL's convert would clip at 255
@@ -93,10 +131,12 @@ class Decoded(Dataset):
                 im = Image.fromarray((wide * 255 / max(wide.max(), 1) if wide.max() > 255 else wide).astype(np.uint8))
             if im.mode == self.mode:
                 im.load()  # read before the file closes; convert would copy the whole image for nothing
-            else:
-                im = im.convert(self.mode)
-        if self.transform is not None:
-            return self.transform(im)
+                return im
+            return im.convert(self.mode)
+
+    def decode(self, j: int) -> Image.Image:
+        """Item j resized to img_size / crop_pct at its shorter side, the centre img_size square (PIL, bicubic)."""
+        im = self.convert(self.open(j))
         s = self.img_size
         if im.size == (s, s):
             return im
@@ -105,6 +145,12 @@ class Decoded(Dataset):
         im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
         left, top = (im.width - s) // 2, (im.height - s) // 2
         return im.crop((left, top, left + s, top + s))
+
+
+def as_tensor(im: Image.Image) -> torch.Tensor:
+    """A PIL image (RGB or L) as uint8 (C, H, W)."""
+    x = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, C) or (H, W) for "L"
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
 
 
 class TensorImages(Dataset):

@@ -19,7 +19,6 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -28,7 +27,6 @@ import tarfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..errors import MAEError
@@ -127,11 +125,10 @@ class ShardSamples(Decoded):
     def __len__(self) -> int:
         return len(self.shard)
 
-    def open(self, j: int) -> Image.Image:
+    def read(self, j: int) -> bytes:
         with open(self.paths[int(self.shard[j])], "rb") as f:  # by path: a worker holds no open files
             f.seek(int(self.offset[j]))
-            data = f.read(int(self.size[j]))
-        return Image.open(io.BytesIO(data))
+            return f.read(int(self.size[j]))
 
     def name(self, j: int) -> str:
         a, b = int(self.name_start[j]), int(self.name_start[j + 1]) - 1
