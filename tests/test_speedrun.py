@@ -22,7 +22,9 @@ from test_cli import write_images
 from mae_torch import engine, speedrun
 from mae_torch.cli import main
 from mae_torch.config import resolve, resolve_speedrun
+from mae_torch.engine import epochs_that_fit
 from mae_torch.errors import MAEError
+from mae_torch.optim import lr_at
 from mae_torch.speedrun import plan
 
 CLASSES = ["red", "green", "blue"]
@@ -131,12 +133,13 @@ def test_the_stage_epochs_are_the_planned_ones_and_the_config_holds_them(run):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     state = json.loads((run / "state.json").read_text())
     sc = cfg["speedrun"]
-    assert sc["pretrain_epochs"] == state["plan"]["pretrain_epochs"] >= 1
+    fitted = state["stages"]["pretrain"].get("fitted_epochs")  # a slow machine fits the schedule to the time
+    assert sc["pretrain_epochs"] == (fitted or state["plan"]["pretrain_epochs"]) >= 1
     assert sc["finetune_epochs"] >= 1 and sc["scratch_epochs"] >= 1
     for stage, key in (("pretrain", "pretrain_epochs"), ("finetune", "finetune_epochs")):
         stage_cfg = yaml.safe_load((run / stage / "config.yaml").read_text())
-        assert stage_cfg["train"]["epochs"] == sc[key]
-        assert stage_cfg["train"]["max_minutes"] > 0  # a measured plan bounds each stage
+        assert stage_cfg["train"]["epochs"] == sc[key]  # as planned, or as fitted to the time (and so adopted)
+        assert stage_cfg["train"]["max_minutes"] > 0 and stage_cfg["train"]["fit_to_time"]  # bounded, fitted
     assert yaml.safe_load((run / "finetune" / "config.yaml").read_text())["run"]["pretrained"] == str(run / "pretrain")
 
 
@@ -232,3 +235,28 @@ def test_the_time_bound_keeps_the_last_finished_epoch(data, tmp_path, fake_clock
     again = tasks.pretrain(cfg, out, resume=True)  # the bound counts the earlier time: nothing more to do
     assert again["stopped"] == "time bound"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(done)
+
+
+def test_epochs_that_fit():
+    assert epochs_that_fit(50, done=2, left_s=100, epoch_s=10) == 12  # 10 more fit
+    assert epochs_that_fit(50, done=2, left_s=1000, epoch_s=10) == 50  # never more than planned
+    assert epochs_that_fit(50, done=2, left_s=5, epoch_s=10) == 2  # never fewer than done
+    assert epochs_that_fit(50, done=0, left_s=-5, epoch_s=10) == 1 and epochs_that_fit(50, 3, 5, 0) == 50
+
+
+def test_fit_to_time_shortens_the_schedule_so_the_lr_anneals_by_the_bound(data, tmp_path, fake_clock, capsys):
+    from mae_torch import tasks
+
+    cfg = resolve("pretrain", "smoke", None, {"run": {"data": str(data / "train"), "device": "cpu", "num_workers": 0}})
+    cfg.train.epochs, cfg.train.max_minutes, cfg.train.fit_to_time = 50, 3.0, True  # 180 fake seconds
+    cfg.train.warmup_epochs, cfg.train.min_lr = 0, 0.0
+    out = tmp_path / "fitted"
+    metrics = tasks.pretrain(cfg, out)
+    done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fitted = yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"]
+    assert 2 <= fitted < 50 and metrics["fitted_epochs"] == fitted
+    assert fitted - 1 <= len(done) <= fitted  # its fitted epochs, the last perhaps cut by the bound
+    assert "fit to time:" in capsys.readouterr().out
+    # the learning rate followed the shorter schedule: annealed, where 50 epochs would still be near the peak
+    last, steps = done[-1], done[0]["step"]
+    assert last["lr"] < 0.5 * lr_at(last["step"] - 1, 50 * steps, 0, cfg.train.peak_lr, 0.0)

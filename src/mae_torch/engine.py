@@ -20,7 +20,10 @@ Design decisions:
   an epoch that would not finish within it (by the last epoch's time) is not started, one that overruns stops
   at the bound; either way the run ends with the weights and checkpoint of its last finished epoch (which then
   records the whole time spent, so a resume under the same bound trains no further), and the returned metrics
-  say `stopped: "time bound"`. `mae speedrun` sizes its stages with it as the backstop.
+  say `stopped: "time bound"`. With `fit_to_time`, a run that falls behind (a machine slower than planned)
+  shortens its schedule instead, once the epochs left no longer fit at the last epoch's pace, so the learning
+  rate anneals to min_lr by the bound rather than being cut off mid-schedule (`fitted_epochs` in the returned
+  metrics; config.yaml and the checkpoint record the new epochs). `mae speedrun` sizes its stages this way.
 - A non-finite loss is counted on the device; the gradient scaler skips the update of such a step (no
   sync), and the run stops, naming the step, once more than `skip_nonfinite` were seen. Checks happen at the
   progress-bar syncs and before every checkpoint, so no checkpoint ever holds a bad step beyond that budget.
@@ -75,6 +78,8 @@ class Task:
 
 
 # ---------------------------------------------------------------- pieces
+
+FIT_SLACK = 0.97  # fit_to_time plans into 97% of the time left: epochs vary by a few % on a shared machine
 
 
 class EarlyStopper:
@@ -168,7 +173,15 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
         )
         metrics = {**metrics, "stopped": "time bound"}
     run.logger.close()
-    return {**metrics, "seconds": run.elapsed()}
+    return {**metrics, "seconds": run.elapsed(), **({"fitted_epochs": run.fitted} if run.fitted else {})}
+
+
+def epochs_that_fit(epochs: int, done: int, left_s: float, epoch_s: float) -> int:
+    """The epochs a time-bounded run can finish: the `done` ones plus as many more of `epoch_s` seconds as the
+    `left_s` seconds hold; never more than planned, never fewer than done (at least one)."""
+    if epoch_s <= 0:
+        return epochs
+    return max(1, done, min(epochs, done + int(max(left_s, 0.0) // epoch_s)))
 
 
 class Trainer:
@@ -216,6 +229,7 @@ class Trainer:
         self.step_time, self.t_step = None, 0.0  # moving average of seconds per optimizer step, for the run ETA
         self.seconds, self.t_start = 0.0, time.perf_counter()  # training time of earlier processes; this one's start
         self.epoch_seconds, self.stopped = 0.0, False  # the last whole epoch's time; set at the time bound
+        self.fitted = 0  # the epochs fit_to_time shortened the schedule to (0: not shortened)
         self.data: DataPath | None = None
 
     def check_sizes(self) -> None:
@@ -404,9 +418,30 @@ class Trainer:
                 save_weights(self.judged, self.task.meta, self.run_dir / "best.safetensors")
             save_weights(self.judged, self.task.meta, self.run_dir / "model.safetensors")
         self.epoch_seconds = time.perf_counter() - t_end + seconds  # training, validation and weights
+        self.fit_to_time(epoch + 1)
         self.save(epoch, self.steps_per_epoch, loss_sum)
         self.done = 0
         return metrics
+
+    def fit_to_time(self, done: int) -> None:
+        """With fit_to_time and a time bound: fewer epochs once those left no longer fit (decided by rank 0's
+        clock, so every process keeps the same schedule); the learning rate then follows the shorter one."""
+        tc = self.cfg.train
+        if not (tc.fit_to_time and tc.max_minutes):
+            return
+        left = tc.max_minutes * 60 - self.elapsed()
+        fits = epochs_that_fit(tc.epochs, done, left * FIT_SLACK, self.epoch_seconds)
+        fits = self.group.gather(fits)[0]
+        if fits < tc.epochs:
+            self.logger.print(
+                f"fit to time: {fits} epochs, not {tc.epochs} (an epoch takes {self.epoch_seconds:.0f} s, "
+                f"{left / 60:.1f} minutes are left); the learning rate anneals over {fits}"
+            )
+            tc.epochs, self.fitted = fits, fits
+            self.total_steps = fits * self.steps_per_epoch
+            if self.group.main:
+                text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+                atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
 
     def check_finite(self) -> None:
         rc = self.cfg.run

@@ -10,9 +10,11 @@ Design decisions:
   function). Both are printed, and the epochs written to RUN/config.yaml, so `--config RUN/config.yaml`
   reruns the same training without measuring (and without time bounds: the epochs are the recipe then).
 - Each stage is an ordinary run directory (RUN/pretrain, RUN/finetune, RUN/scratch) trained by tasks.py with
-  a time bound (`max_minutes`): pretraining its share, fine-tuning what the budget has left. Once pretraining
-  is done, the fine-tuning epochs are re-planned with how far its epochs ran from the measurement (a busy or
-  slower machine). A stage stopped at its bound keeps its last finished epoch, and the results say so.
+  a time bound (`max_minutes`): pretraining its share, fine-tuning what the budget has left. A stage whose
+  epochs run slower than measured (a busy or slower machine, a CPU that slows under sustained load) shortens
+  its schedule as soon as the epochs left no longer fit (`fit_to_time`), so its learning rate still anneals to
+  the end; once pretraining is done, the fine-tuning epochs are re-planned with how far its epochs ran from
+  the measurement. A stage stopped at its bound keeps its last finished epoch, and the results say so.
 - RUN/state.json records the plan and each stage finished; `--resume RUN` continues the stage that was running
   from its checkpoint and then the ones after it.
 - Accuracy is measured once, with the last epoch's weights, on the data's test split (CIFAR's, D/test) or,
@@ -216,6 +218,7 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
     results = {}
     pre_dir = run_dir / "pretrain"
     run_stage(state, "pretrain", spec.stage("pretrain", pretrain_section(spec, state)), pre_dir, tasks.pretrain)
+    adopt_fitted(spec, state, run_dir)
     if not sc.pretrain_only:
         replan(spec, state, run_dir)
         cfg = spec.stage("finetune", stage_bound(finetune_section(spec, sc.finetune_epochs), spec, state))
@@ -224,7 +227,9 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
         if sc.scratch:
             tc = finetune_section(spec, sc.scratch_epochs or sc.finetune_epochs)
             tc.layer_decay, tc.max_minutes = 1.0, sc.minutes if not state.data["sized"] else 0.0
+            tc.fit_to_time = not state.data["sized"]
             run_stage(state, "scratch", spec.stage("finetune", tc), run_dir / "scratch", tasks.finetune)
+        adopt_fitted(spec, state, run_dir)
         results = evaluate(spec, state, run_dir, device)
     results.update(report_stages(spec, state, run_dir))
     finish(spec, results, run_dir)
@@ -243,6 +248,7 @@ def pretrain_section(spec: Speedrun, state: State) -> TrainConfig:
     p = state.data["plan"]
     if not state.data["sized"]:
         tc.max_minutes = (spec.speedrun.minutes * 60 - p["finetune_epochs"] * p["finetune_epoch_s"]) / 60
+        tc.fit_to_time = True
     return tc
 
 
@@ -250,6 +256,7 @@ def stage_bound(tc: TrainConfig, spec: Speedrun, state: State) -> TrainConfig:
     """Fine-tuning is bounded by what the budget has left after pretraining (when the plan was measured)."""
     if not state.data["sized"]:
         tc.max_minutes = max(spec.speedrun.minutes - state.data["stages"]["pretrain"]["minutes"], 0.1)
+        tc.fit_to_time = True
     return tc
 
 
@@ -270,6 +277,19 @@ def replan(spec: Speedrun, state: State, run_dir: Path) -> None:
     state.save()
 
 
+def adopt_fitted(spec: Speedrun, state: State, run_dir: Path) -> None:
+    """The epochs of stages that fitted their schedule to the time (fit_to_time) into config.yaml, so that
+    `--config` reruns the training that ran."""
+    sc, changed = spec.speedrun, False
+    for name, info in state.data["stages"].items():
+        key, fitted = f"{name}_epochs", info.get("fitted_epochs")
+        if fitted and getattr(sc, key) != fitted:
+            setattr(sc, key, fitted)
+            changed = True
+    if changed:
+        write_config(spec, run_dir)
+
+
 def run_stage(state: State, name: str, cfg, stage_dir: Path, job) -> None:
     """Train one stage unless state.json has it done; a stage with a checkpoint continues from it."""
     if name in state.data["stages"]:
@@ -278,12 +298,14 @@ def run_stage(state: State, name: str, cfg, stage_dir: Path, job) -> None:
     resume = (stage_dir / "checkpoint.pt").exists()
     if resume:  # the stage's own config: its epochs and time bound as it started
         cfg = resolve(cfg.command, None, str(stage_dir / "config.yaml"))
+    planned = cfg.train.epochs  # training may fit it to the time (fit_to_time)
     metrics = job(cfg, stage_dir, resume=resume, overwrite=True)
     state.data["stages"][name] = {
-        "epochs": cfg.train.epochs,
+        "epochs": planned,
         "epochs_done": len(read_metrics(stage_dir)),
         "stopped": metrics.get("stopped"),
         "minutes": metrics.get("seconds", 0.0) / 60,
+        **({"fitted_epochs": metrics["fitted_epochs"]} if "fitted_epochs" in metrics else {}),
     }
     state.save()
 
@@ -425,8 +447,9 @@ def results_md(r: dict) -> str:
     ]
     for name, s in r["stages"].items():
         pflop = f"{s['pflop']:.3f}" if s["pflop"] is not None else "-"
+        stopped = s["stopped"] or (f"fitted to {s['fitted_epochs']} epochs" if s.get("fitted_epochs") else "no")
         lines.append(
             f"| {name} | {s['epochs_done']} / {s['epochs']} | {s['minutes']:.1f} | {s['img_per_s']:.0f} | {pflop} | "
-            f"{s['stopped'] or 'no'} |"
+            f"{stopped} |"
         )
     return "\n".join(lines) + "\n"
