@@ -255,8 +255,20 @@ def test_fit_to_time_shortens_the_schedule_so_the_lr_anneals_by_the_bound(data, 
     done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     fitted = yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"]
     assert 2 <= fitted < 50 and metrics["fitted_epochs"] == fitted
-    assert fitted - 1 <= len(done) <= fitted  # its fitted epochs, the last perhaps cut by the bound
+    assert len(done) == fitted  # its fitted epochs, no more: they fit in the bound
     assert "fit to time:" in capsys.readouterr().out
     # the learning rate followed the shorter schedule: annealed, where 50 epochs would still be near the peak
     last, steps = done[-1], done[0]["step"]
     assert last["lr"] < 0.5 * lr_at(last["step"] - 1, 50 * steps, 0, cfg.train.peak_lr, 0.0)
+
+
+def test_a_fitted_schedule_ends_at_its_fitted_epochs(data, tmp_path, monkeypatch):
+    """Once fit_to_time shortens the schedule, the run trains those epochs and no more (time to spare or not)."""
+    from mae_torch import tasks
+
+    monkeypatch.setattr(engine, "epochs_that_fit", lambda epochs, done, left_s, epoch_s: 3)
+    cfg = resolve("pretrain", "smoke", None, {"run": {"data": str(data / "train"), "device": "cpu", "num_workers": 0}})
+    cfg.train.epochs, cfg.train.max_minutes, cfg.train.fit_to_time = 6, 600.0, True
+    metrics = tasks.pretrain(cfg, tmp_path / "run")
+    assert metrics["fitted_epochs"] == 3 and metrics["epoch"] == 3 and "stopped" not in metrics
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3

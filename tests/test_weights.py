@@ -20,7 +20,7 @@ from mae_torch.models import build_mae, load_weights, model_config_from
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 MAE = "cifar10-speedrun-mae.safetensors"
-CLASSIFIERS = ["cifar10-short-10pct-labels.safetensors", "cifar10-speedrun-all-labels.safetensors"]
+CLASSIFIERS = ["cifar10-speedrun-10pct-labels.safetensors", "cifar10-speedrun-all-labels.safetensors"]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

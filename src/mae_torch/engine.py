@@ -152,7 +152,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     metrics: dict = {}
     run.t_start = time.perf_counter()
     try:
-        for epoch in range(run.start_epoch, cfg.train.epochs):
+        epoch = run.start_epoch - 1
+        while (epoch := epoch + 1) < cfg.train.epochs:  # fit_to_time may shorten the epochs on the way
             if run.out_of_time(run.epoch_seconds):
                 break
             loss_sum, seconds, steps = run.train_epoch(epoch)
