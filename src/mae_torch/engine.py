@@ -152,8 +152,8 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     metrics: dict = {}
     run.t_start = time.perf_counter()
     try:
-        epoch = run.start_epoch - 1
-        while (epoch := epoch + 1) < cfg.train.epochs:  # fit_to_time may shorten the epochs on the way
+        epoch = run.start_epoch
+        while epoch < cfg.train.epochs:  # read each time round: fit_to_time may shorten the epochs on the way
             if run.out_of_time(run.epoch_seconds):
                 break
             loss_sum, seconds, steps = run.train_epoch(epoch)
@@ -164,6 +164,7 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
                 tc = cfg.train
                 run.logger.print(f"early stop: {tc.monitor} did not improve by {tc.min_delta} for {tc.patience} epochs")
                 break
+            epoch += 1
     finally:
         run.data.close()  # DataLoader workers end with the run, also when it fails
     if run.stopped:
