@@ -9,6 +9,7 @@ planned and wrote, never a time.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,21 @@ def test_a_failed_speedrun_resumes_with_its_finished_stages_kept(data, tmp_path,
     assert (out / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
     assert len((out / "finetune" / "metrics.jsonl").read_text().splitlines()) == 2
     assert "top1" in json.loads((out / "results.json").read_text())
+
+
+def test_a_continued_run_counts_the_stopped_process_to_its_last_checkpoint(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    state = speedrun.State(tmp_path)
+    state.data["wall_minutes"] = 0.0
+    state.before = 5.0
+    state.save()  # a process at 5 minutes (its start or a stage's end), then killed mid-stage ...
+    t = (tmp_path / "state.json").stat().st_mtime
+    ckpt = tmp_path / "pretrain" / "checkpoint.pt"
+    ckpt.write_bytes(b"")
+    os.utime(ckpt, (t + 600, t + 600))  # ... after writing a checkpoint 10 minutes later
+    assert speedrun.State(tmp_path).wall_minutes == pytest.approx(15.0, abs=0.1)
+    os.utime(ckpt, (t - 60, t - 60))  # a checkpoint older than the last save adds nothing
+    assert speedrun.State(tmp_path).wall_minutes == pytest.approx(5.0, abs=0.1)
 
 
 def test_without_a_test_split_training_images_are_held_out_from_both_stages(data, tmp_path):

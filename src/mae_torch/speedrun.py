@@ -168,7 +168,16 @@ class State:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "state.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
-        self.t0, self.before = time.perf_counter(), self.data.get("wall_minutes", 0.0)  # earlier processes' time
+        self.t0 = time.perf_counter()
+        self.before = self.data.get("wall_minutes", 0.0) + self.unsaved_minutes(run_dir)  # earlier processes
+
+    def unsaved_minutes(self, run_dir: Path) -> float:
+        """A process stopped mid-stage saved its wall time last when it started (or finished a stage): its
+        minutes from then to the newest stage checkpoint it wrote."""
+        if not self.path.exists():
+            return 0.0
+        newest = max((p.stat().st_mtime for p in run_dir.glob("*/checkpoint.pt")), default=0.0)
+        return max(0.0, newest - self.path.stat().st_mtime) / 60
 
     @property
     def wall_minutes(self) -> float:
@@ -193,6 +202,8 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
     """Run the speedrun into run_dir (see the module's docstring); returns results.json's content."""
     run_dir = start(Path(run_dir), resume, overwrite)
     state, sc = State(run_dir), spec.speedrun
+    if "plan" in state.data:  # a continued run: its wall time so far, saved now (see State.unsaved_minutes)
+        state.save()
     if not (sc.pretrain_only or has_test_split(spec.run.data) or spec.run.test_fraction):
         spec.run.test_fraction = DEFAULT_TEST_FRACTION
     sizes = split_sizes(spec)
