@@ -77,6 +77,25 @@ def test_on_a_gpu_the_recipe_takes_its_larger_batches_once():
     assert spec.pretrain.peak_lr == pytest.approx(2.4e-3) and spec.finetune.peak_lr == pytest.approx(1e-3)
 
 
+def test_with_few_labels_the_recipe_takes_its_few_labels_settings_once():
+    spec = resolve_speedrun("cifar10-speedrun")
+    few, limit = dict(spec.speedrun.few_labels), spec.speedrun.few_labels_images
+    assert few and limit  # the preset has them (docs/small-data.md, row F10-LD)
+    speedrun.for_labels(spec, limit + 1)  # more labels: the recipe as it is
+    assert spec.speedrun.few_labels == few and spec.finetune.layer_decay == 1.0
+    speedrun.for_labels(spec, 4280)  # 10% of CIFAR-10's training labels
+    assert spec.finetune.layer_decay == few["layer_decay"] != 1.0
+    assert spec.speedrun.few_labels == {}  # config.yaml holds them in the sections, applied once
+
+
+def test_few_labels_takes_model_keys_too_and_rejects_unknown_ones():
+    spec = resolve_speedrun("cifar10-speedrun", None, {"speedrun": {"few_labels": {"drop_path": 0.2}}})
+    speedrun.for_labels(spec, 100)
+    assert spec.model.drop_path == 0.2 and spec.finetune.layer_decay == 1.0
+    with pytest.raises(MAEError, match="unknown key 'layer_decy' in few_labels"):
+        resolve_speedrun("cifar10-speedrun", None, {"speedrun": {"few_labels": {"layer_decy": 0.75}}})
+
+
 @pytest.mark.parametrize("minutes", ["0", "-5"])
 def test_a_budget_of_zero_or_less_is_a_one_line_error(minutes, capsys):
     assert mae("speedrun", "--minutes", minutes, *TINY) == 2

@@ -246,8 +246,8 @@ class SpeedrunConfig:
     minutes: float = doc("the budget: minutes of training, pretraining and fine-tuning together", 60.0)
     pretrain_share: float = doc("share of the budget that MAE pretraining gets", 0.3)
     finetune_max_epochs: int = doc("fine-tuning runs at most this many epochs; the budget's rest pretrains", 100)
-    long_finetune_epochs: int = doc("fine-tuning of at least this many epochs takes long_finetune; 0 = never", 0)
-    long_finetune: dict = doc("fine-tuning settings that pay only on long schedules (train keys)", {})
+    few_labels_images: int = doc("fine-tuning on at most this many labeled images takes few_labels; 0 = never", 0)
+    few_labels: dict = doc("fine-tuning settings that pay with few labels (train keys; drop_path from model)", {})
     cuda: dict = doc(
         "settings on CUDA GPUs, where small batches leave the device idle: {pretrain: {train keys}, finetune: {...}}",
         {},
@@ -262,9 +262,11 @@ class SpeedrunConfig:
         check(self.minutes > 0, f"--minutes must be above 0, got {self.minutes:g}; e.g. --minutes 60")
         check(0 < self.pretrain_share < 1, f"pretrain_share must be in (0, 1), got {self.pretrain_share}")
         check(self.finetune_max_epochs >= 1, f"finetune_max_epochs must be at least 1, got {self.finetune_max_epochs}")
-        for name in ("pretrain_epochs", "finetune_epochs", "scratch_epochs", "long_finetune_epochs"):
+        for name in ("pretrain_epochs", "finetune_epochs", "scratch_epochs", "few_labels_images"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        update(TrainConfig(), self.long_finetune, "long_finetune of the speedrun section")  # known keys only
+        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+        update(ModelConfig(), {k: v for k, v in self.few_labels.items() if k in model_keys}, "few_labels")
+        update(TrainConfig(), {k: v for k, v in self.few_labels.items() if k not in model_keys}, "few_labels")
         unknown = set(self.cuda) - {"pretrain", "finetune"}
         check(not unknown, f"the speedrun section's cuda settings have unknown stages {sorted(unknown)}")
         for stage, values in self.cuda.items():

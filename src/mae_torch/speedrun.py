@@ -3,8 +3,8 @@ sized to a budget of minutes on the device at hand.
 
 Design decisions:
 - The recipe is a preset with a `speedrun` section (plain data, `config.SpeedrunConfig`): the budget's share
-  for pretraining, a cap on the fine-tuning epochs (the rest of the budget pretrains), settings that pay only
-  on long fine-tuning, and larger batches on CUDA GPUs. docs/small-data.md has the runs behind each value.
+  for pretraining, a cap on the fine-tuning epochs (the rest of the budget pretrains), settings that pay with
+  few labels, and larger batches on CUDA GPUs. docs/small-data.md has the runs behind each value.
 - The epochs come from a measurement (`measure`): a few training steps of each stage, with its augmentation,
   and a few validation batches, on the device at hand. `plan` turns them and the budget into epochs (a pure
   function). Both are printed, and the epochs written to RUN/config.yaml, so `--config RUN/config.yaml`
@@ -29,7 +29,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -134,6 +134,18 @@ def for_device(spec: Speedrun, device: torch.device) -> None:
         spec.speedrun.cuda = {}
 
 
+def for_labels(spec: Speedrun, labeled: int) -> None:
+    """The speedrun section's few_labels settings (model or fine-tuning keys) into the model and fine-tuning
+    sections when fine-tuning has at most few_labels_images labeled images; applied once, as for_device."""
+    sc = spec.speedrun
+    if sc.few_labels and sc.few_labels_images and labeled <= sc.few_labels_images:
+        model_keys = {f.name for f in fields(spec.model)}
+        update(spec.model, {k: v for k, v in sc.few_labels.items() if k in model_keys}, "few_labels")
+        update(spec.finetune, {k: v for k, v in sc.few_labels.items() if k not in model_keys}, "few_labels")
+        print(f"{labeled} labeled images, at most {sc.few_labels_images}: fine-tuning takes {sc.few_labels}")
+        sc.few_labels = {}
+
+
 def split_sizes(spec: Speedrun) -> dict:
     """Training and validation images of each stage; a speedrun that fine-tunes needs labels."""
     cfg = spec.stage("pretrain")
@@ -153,11 +165,8 @@ def split_sizes(spec: Speedrun) -> dict:
 
 
 def finetune_section(spec: Speedrun, epochs: int) -> TrainConfig:
-    """The fine-tuning section for `epochs` epochs, with long_finetune's settings on a long schedule."""
+    """The fine-tuning section for `epochs` epochs."""
     tc = TrainConfig(**asdict(spec.finetune))
-    sc = spec.speedrun
-    if sc.long_finetune_epochs and epochs >= sc.long_finetune_epochs:
-        update(tc, sc.long_finetune, "long_finetune of the speedrun section")
     tc.epochs = epochs
     return tc
 
@@ -211,6 +220,8 @@ def speedrun(spec: Speedrun, run_dir: str | Path, resume: bool = False, overwrit
     precision = resolve_precision(spec.run.precision, device)
     if "plan" not in state.data:
         for_device(spec, device)
+        if not sc.pretrain_only:
+            for_labels(spec, sizes["finetune"][0])
         state.data.update(sized=sc.sized, device=str(device), machine=machine(device), precision=precision)
         if not sc.sized:
             print(f"measuring the training steps on {device} ({precision}) ...", flush=True)
