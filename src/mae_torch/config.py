@@ -258,15 +258,21 @@ class SpeedrunConfig:
     scratch: bool = doc("also train a classifier from scratch on the same budget, for comparison", False)
     pretrain_only: bool = doc("pretrain only (unlabeled data): no fine-tuning, no accuracy", False)
 
+    def few_labels_split(self) -> tuple[dict, dict]:
+        """few_labels as (model section values, fine-tuning section values)."""
+        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = {k: v for k, v in self.few_labels.items() if k in model_keys}
+        return model, {k: v for k, v in self.few_labels.items() if k not in model}
+
     def validate(self) -> None:
         check(self.minutes > 0, f"--minutes must be above 0, got {self.minutes:g}; e.g. --minutes 60")
         check(0 < self.pretrain_share < 1, f"pretrain_share must be in (0, 1), got {self.pretrain_share}")
         check(self.finetune_max_epochs >= 1, f"finetune_max_epochs must be at least 1, got {self.finetune_max_epochs}")
         for name in ("pretrain_epochs", "finetune_epochs", "scratch_epochs", "few_labels_images"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-        update(ModelConfig(), {k: v for k, v in self.few_labels.items() if k in model_keys}, "few_labels")
-        update(TrainConfig(), {k: v for k, v in self.few_labels.items() if k not in model_keys}, "few_labels")
+        model_values, train_values = self.few_labels_split()
+        update(ModelConfig(), model_values, "few_labels")  # known keys only
+        update(TrainConfig(), train_values, "few_labels")
         unknown = set(self.cuda) - {"pretrain", "finetune"}
         check(not unknown, f"the speedrun section's cuda settings have unknown stages {sorted(unknown)}")
         for stage, values in self.cuda.items():

@@ -29,7 +29,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -139,9 +139,9 @@ def for_labels(spec: Speedrun, labeled: int) -> None:
     sections when fine-tuning has at most few_labels_images labeled images; applied once, as for_device."""
     sc = spec.speedrun
     if sc.few_labels and sc.few_labels_images and labeled <= sc.few_labels_images:
-        model_keys = {f.name for f in fields(spec.model)}
-        update(spec.model, {k: v for k, v in sc.few_labels.items() if k in model_keys}, "few_labels")
-        update(spec.finetune, {k: v for k, v in sc.few_labels.items() if k not in model_keys}, "few_labels")
+        model_values, train_values = sc.few_labels_split()
+        update(spec.model, model_values, "few_labels")
+        update(spec.finetune, train_values, "few_labels")
         print(f"{labeled} labeled images, at most {sc.few_labels_images}: fine-tuning takes {sc.few_labels}")
         sc.few_labels = {}
 
