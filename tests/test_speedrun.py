@@ -265,6 +265,7 @@ def test_the_time_bound_keeps_the_last_finished_epoch(data, tmp_path, fake_clock
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] + 1 == len(done) and ckpt["step"] == done[-1]["step"]  # the last finished epoch
     assert ckpt["seconds"] + ckpt["epoch_seconds"] > 60  # the time spent, and the epoch that would not fit
+    assert len(ckpt["epoch_times"]) == len(done)  # each epoch's time: the pace a resumed run fits with
     assert metrics["seconds"] >= ckpt["seconds"] > 0
     assert "time bound: stopped" in capsys.readouterr().out
     again = tasks.pretrain(cfg, out, resume=True)  # the bound counts the earlier time: nothing more to do
@@ -273,10 +274,13 @@ def test_the_time_bound_keeps_the_last_finished_epoch(data, tmp_path, fake_clock
 
 
 def test_epochs_that_fit():
-    assert epochs_that_fit(50, done=2, left_s=100, epoch_s=10) == 12  # 10 more fit
-    assert epochs_that_fit(50, done=2, left_s=1000, epoch_s=10) == 50  # never more than planned
-    assert epochs_that_fit(50, done=2, left_s=5, epoch_s=10) == 2  # never fewer than done
-    assert epochs_that_fit(50, done=0, left_s=-5, epoch_s=10) == 1 and epochs_that_fit(50, 3, 5, 0) == 50
+    assert epochs_that_fit(50, done=2, left_s=100, epoch_times=[10, 10]) == 12  # 10 more fit
+    assert epochs_that_fit(50, done=2, left_s=1000, epoch_times=[10, 10]) == 50  # never more than planned
+    assert epochs_that_fit(50, done=2, left_s=5, epoch_times=[10, 10]) == 2  # never fewer than done
+    assert epochs_that_fit(50, done=0, left_s=-5, epoch_times=[10]) == 1 and epochs_that_fit(50, 3, 5, []) == 50
+    # at the median pace: one epoch slowed by another job does not cut the schedule as if all were that slow
+    assert epochs_that_fit(50, done=5, left_s=450, epoch_times=[10, 10, 10, 10, 60]) == 50
+    assert epochs_that_fit(50, done=5, left_s=450, epoch_times=[10, 60, 60, 60, 60]) == 12  # a lasting slowdown
 
 
 def test_fit_to_time_shortens_the_schedule_so_the_lr_anneals_by_the_bound(data, tmp_path, fake_clock, capsys):

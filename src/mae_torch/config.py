@@ -123,8 +123,8 @@ class TrainConfig:
         0.0,
     )
     fit_to_time: bool = doc(
-        "with max_minutes: once the epochs left no longer fit in the time left (at the last epoch's pace), run "
-        "fewer, so the learning rate still anneals to min_lr by the bound (config.yaml records them)",
+        "with max_minutes: once the epochs left no longer fit in the time left (at the median epoch's pace), "
+        "run fewer, so the learning rate still anneals to min_lr by the bound (config.yaml records them)",
         False,
     )
     min_delta: float = doc("smallest change of monitor that counts as an improvement", 0.0)

@@ -21,7 +21,9 @@ Design decisions:
   at the bound; either way the run ends with the weights and checkpoint of its last finished epoch (which then
   records the whole time spent, so a resume under the same bound trains no further), and the returned metrics
   say `stopped: "time bound"`. With `fit_to_time`, a run that falls behind (a machine slower than planned)
-  shortens its schedule instead, once the epochs left no longer fit at the last epoch's pace, so the learning
+  shortens its schedule instead, once the epochs left no longer fit at the run's typical pace (the median of
+  its epochs so far, checked after each: another job slowing a few epochs does not cut the schedule as if
+  every epoch left would be as slow; a lasting slowdown is caught as it falls further behind), so the learning
   rate anneals to min_lr by the bound rather than being cut off mid-schedule (`fitted_epochs` in the returned
   metrics; config.yaml and the checkpoint record the new epochs). `mae speedrun` sizes its stages this way.
 - A non-finite loss is counted on the device; the gradient scaler skips the update of such a step (no
@@ -32,6 +34,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -178,9 +181,11 @@ def fit(task: Task, train_ds: Dataset, val_ds: Dataset, cfg: Config, run_dir: Pa
     return {**metrics, "seconds": run.elapsed(), **({"fitted_epochs": run.fitted} if run.fitted else {})}
 
 
-def epochs_that_fit(epochs: int, done: int, left_s: float, epoch_s: float) -> int:
-    """The epochs a time-bounded run can finish: the `done` ones plus as many more of `epoch_s` seconds as the
-    `left_s` seconds hold; never more than planned, never fewer than done (at least one)."""
+def epochs_that_fit(epochs: int, done: int, left_s: float, epoch_times: list[float]) -> int:
+    """The epochs a time-bounded run can finish: the `done` ones plus as many more as the `left_s` seconds hold
+    at the median of `epoch_times` (the epochs so far); never more than planned, never fewer than done (at
+    least one)."""
+    epoch_s = statistics.median(epoch_times) if epoch_times else 0.0
     if epoch_s <= 0:
         return epochs
     return max(1, done, min(epochs, done + int(max(left_s, 0.0) // epoch_s)))
@@ -231,6 +236,7 @@ class Trainer:
         self.step_time, self.t_step = None, 0.0  # moving average of seconds per optimizer step, for the run ETA
         self.seconds, self.t_start = 0.0, time.perf_counter()  # training time of earlier processes; this one's start
         self.epoch_seconds, self.stopped = 0.0, False  # the last whole epoch's time; set at the time bound
+        self.epoch_times: list[float] = []  # every finished epoch's time (fit_to_time's pace), resumes included
         self.fitted = 0  # the epochs fit_to_time shortened the schedule to (0: not shortened)
         self.data: DataPath | None = None
 
@@ -269,6 +275,7 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][mine], self.device)
         self.start_epoch, self.step, self.done = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
         self.seconds, self.epoch_seconds = ckpt.get("seconds", 0.0), ckpt.get("epoch_seconds", 0.0)
+        self.epoch_times = list(ckpt.get("epoch_times", [self.epoch_seconds] if self.epoch_seconds else []))
         self.carried = ckpt["loss_sum"][mine] if self.done < self.steps_per_epoch else 0.0
         if self.done >= self.steps_per_epoch:
             self.start_epoch, self.done = self.start_epoch + 1, 0
@@ -420,6 +427,7 @@ class Trainer:
                 save_weights(self.judged, self.task.meta, self.run_dir / "best.safetensors")
             save_weights(self.judged, self.task.meta, self.run_dir / "model.safetensors")
         self.epoch_seconds = time.perf_counter() - t_end + seconds  # training, validation and weights
+        self.epoch_times.append(self.epoch_seconds)
         self.fit_to_time(epoch + 1)
         self.save(epoch, self.steps_per_epoch, loss_sum)
         self.done = 0
@@ -432,11 +440,12 @@ class Trainer:
         if not (tc.fit_to_time and tc.max_minutes):
             return
         left = tc.max_minutes * 60 - self.elapsed()
-        fits = epochs_that_fit(tc.epochs, done, left * FIT_SLACK, self.epoch_seconds)
+        fits = epochs_that_fit(tc.epochs, done, left * FIT_SLACK, self.epoch_times)
         fits = self.group.gather(fits)[0]
         if fits < tc.epochs:
+            pace = statistics.median(self.epoch_times)
             self.logger.print(
-                f"fit to time: {fits} epochs, not {tc.epochs} (an epoch takes {self.epoch_seconds:.0f} s, "
+                f"fit to time: {fits} epochs, not {tc.epochs} (the median epoch takes {pace:.0f} s, "
                 f"{left / 60:.1f} minutes are left); the learning rate anneals over {fits}"
             )
             tc.epochs, self.fitted = fits, fits
@@ -475,6 +484,7 @@ class Trainer:
                 "loss_sum": losses,
                 "seconds": self.elapsed(),
                 "epoch_seconds": self.epoch_seconds,
+                "epoch_times": self.epoch_times,
                 "rng": rng,
                 "config": self.cfg.to_dict(),
                 **({"ema": self.ema.module.state_dict()} if self.ema else {}),
